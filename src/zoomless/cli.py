@@ -1,0 +1,215 @@
+"""The `zoomless` command line: a thin layer over the library (no logic lives here).
+
+Heavy imports (torch, transformers) happen inside the commands so that `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Teach vision-language models to see small details in one glance, by distilling what they see zoomed in.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Build and inspect vision-language model directories.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: supervised fine-tuning or Vision-OPD self-distillation.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(train_app, name="train")
+
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _split_csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+# ----------------------------------------------------------------------------- world
+
+@app.command()
+def world(
+    out_dir: Path = typer.Argument(..., help="Folder to write images/ and <split>.jsonl into."),
+    split: str = typer.Option("test", help="train, val or test: splits never share a scene."),
+    n: int = typer.Option(60, "--n", "-n", help="Number of samples."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives byte-identical scenes."),
+    size: int = typer.Option(1024, help="Scene side in pixels."),
+    dimensions: str = typer.Option("", help="Comma-separated subset of: counting,ocr,color,structure,material,object."),
+    max_area_fraction: float = typer.Option(0.03, help="Largest evidence region, as a fraction of the image."),
+    sheet: bool = typer.Option(True, help="Also write contact_sheet_<split>.png."),
+) -> None:
+    """Generate a ZoomWorld split: synthetic high-resolution scenes whose answer hides in one small region."""
+    from zoomless import world as zw
+    from zoomless.sample import read_samples
+
+    dims = _split_csv(dimensions) or zw.DIMENSIONS
+    unknown = set(dims) - set(zw.DIMENSIONS)
+    if unknown:
+        _fail(f"unknown dimension(s) {sorted(unknown)}; choose from {list(zw.DIMENSIONS)}")
+    path = zw.generate_split(
+        out_dir, split, n, seed=seed, size=size, dimensions=dims, max_area_fraction=max_area_fraction
+    )
+    console.print(f"wrote [bold]{n}[/] samples to {path}")
+    if sheet:
+        png = zw.contact_sheet(read_samples(path)[:16], Path(out_dir) / f"contact_sheet_{split}.png")
+        console.print(f"contact sheet: {png}")
+
+
+# ----------------------------------------------------------------------------- model
+
+@model_app.command("tiny")
+def model_tiny(
+    out_dir: Path = typer.Argument(..., help="Folder to save the model and processor into."),
+    family: str = typer.Option("qwen2_5_vl", help="qwen2_5_vl or qwen3_vl."),
+    size: str = typer.Option("test", help="test (~1M params), small (~5-10M) or base (~50M)."),
+    seed: int = typer.Option(0, help="Initialisation seed."),
+) -> None:
+    """Build a small randomly initialised Qwen-VL model with an offline tokenizer, as a standard HF directory."""
+    from zoomless.models.loading import load_vlm
+    from zoomless.models.tiny import build_tiny_vlm, count_parameters
+
+    path = build_tiny_vlm(out_dir, family=family, size=size, seed=seed)
+    model, _ = load_vlm(path)
+    console.print(f"saved {family} ({size}, {count_parameters(model) / 1e6:.2f}M parameters) to {path}")
+
+
+@model_app.command("info")
+def model_info(model_dir: Path = typer.Argument(..., help="A local HF model directory.")) -> None:
+    """Load a local model directory and print its type, size and image budget."""
+    from zoomless.models.loading import load_vlm
+    from zoomless.models.tiny import count_parameters
+
+    model, processor = load_vlm(model_dir)
+    ip = processor.image_processor
+    console.print(f"{model_dir}: {model.config.model_type}, {count_parameters(model) / 1e6:.2f}M parameters")
+    console.print(f"image pixels: min {getattr(ip, 'min_pixels', '?')}, max {getattr(ip, 'max_pixels', '?')}")
+
+
+# ----------------------------------------------------------------------------- eval
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="A local HF vision-language model directory."),
+    data: Path = typer.Argument(..., help="A benchmark file or folder, zoomless JSONL/parquet, or the generic JSON form."),
+    out_dir: Path = typer.Option(Path("runs/eval"), "--out", help="Where predictions.jsonl, results.json, summary.md go."),
+    benchmark: Optional[str] = typer.Option(
+        None, help="Public benchmark format (zoombench, vstar, hrbench-4k, hrbench-8k, mme-realworld[-cn|-lite], "
+        "mmstar, pope, cvbench, mmvp, visualprobe); guessed from the file when omitted."),
+    views: str = typer.Option("full,crop", help="Comma-separated views: full, crop, zoom, overlay."),
+    form: str = typer.Option("mcq", help="mcq (options and a letter) or open (a word or phrase)."),
+    max_pixels: Optional[int] = typer.Option(None, help="Pixel budget per image (printed in the report)."),
+    max_new_tokens: int = typer.Option(16, help="Tokens generated per answer."),
+    batch_size: int = typer.Option(8, help="Conversations per generate call."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N samples."),
+    seed: int = typer.Option(0, help="Generation seed (and the V* option order)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    chart: bool = typer.Option(True, help="Write gap_chart.png."),
+) -> None:
+    """Single-pass dual-view evaluation: accuracy on the full image and on the crop, and the zooming gap.
+
+    Resumable: run it again with the same --out and finished items are skipped."""
+    from zoomless.engines.hf import HFEngine
+    from zoomless.eval import benchmarks, generic
+    from zoomless.eval.report import dual_view_table, gap_chart
+    from zoomless.eval.single_pass import evaluate
+    from zoomless.sample import SampleError
+
+    try:
+        name = benchmark or benchmarks.detect_benchmark(data)
+        if name:
+            samples = benchmarks.load_benchmark(name, data, seed=seed, limit=limit)
+        else:
+            samples = generic.load_benchmark(data)[:limit]
+    except SampleError as e:
+        _fail(str(e))
+    engine = HFEngine.from_dir(model_dir, device=device, batch_size=batch_size, name=Path(model_dir).name)
+    result = evaluate(
+        samples, engine, views=_split_csv(views), form=form, max_new_tokens=max_new_tokens,
+        max_pixels=max_pixels, batch_size=batch_size, seed=seed, out_dir=out_dir,
+        benchmark=name or Path(data).name, model=str(model_dir),
+    )
+    console.print(dual_view_table(result))
+    if chart:
+        console.print(f"chart: {gap_chart(result, Path(out_dir) / 'gap_chart.png')}")
+    console.print(f"results: {Path(out_dir) / 'results.json'}")
+
+
+# ----------------------------------------------------------------------------- serve
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="A local HF vision-language model directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key: Optional[str] = typer.Option(None, envvar="ZOOMLESS_API_KEY", help="Require this Bearer key."),
+    model_name: Optional[str] = typer.Option(None, help="Name reported by /v1/models (default: the folder name)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    max_request_bytes: int = typer.Option(64 * 2**20, help="Largest accepted request body (413 above)."),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="Largest accepted image, in pixels (400 above)."),
+) -> None:
+    """Serve a local model over an OpenAI-compatible /v1/chat/completions endpoint (and /v1/models)."""
+    from zoomless.serve import serve as run_server
+
+    run_server(
+        model_dir, host=host, port=port, api_key=api_key, model_name=model_name, device=device,
+        max_request_bytes=max_request_bytes, max_image_pixels=max_image_pixels,
+    )
+
+
+# ----------------------------------------------------------------------------- train
+
+def _train(method: str, config: Path | None, overrides: list[str], resume: bool) -> None:
+    from zoomless.train import recipes
+
+    try:
+        cfg = recipes.load(method, config, overrides, resume=resume)
+    except ValueError as e:  # pydantic errors name the offending key
+        _fail(str(e))
+    recipes.run(method, cfg)
+
+
+_CONFIG = typer.Argument(None, help="YAML config (keys as in the recipe's config class).")
+_SET = typer.Option([], "--set", "-s", help="Override a config key: --set lr=1e-4 (repeatable).")
+_RESUME = typer.Option(False, help="Continue from the last checkpoint in out_dir.")
+
+
+@train_app.command("sft")
+def train_sft(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
+    """Supervised fine-tuning on sample records (loss on answer tokens only)."""
+    _train("sft", config, set_, resume)
+
+
+@train_app.command("opd")
+def train_opd(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
+    """Vision-OPD: the model on the crop teaches itself on the full image (top-k JSD, EMA teacher)."""
+    _train("opd", config, set_, resume)
+
+
+# ----------------------------------------------------------------------------- demo
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data, model and report."),
+    n: int = typer.Option(36, "--n", "-n", help="ZoomWorld test samples."),
+) -> None:
+    """The whole story on a CPU: a ZoomWorld test set, a model, and the dual-view table with its zooming gap."""
+    from zoomless.demo import run_demo
+
+    run_demo(out_dir, n=n, console=console)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,317 @@
+"""Single-pass, dual-view evaluation: every question asked once per view, greedy, one glance.
+
+    result = evaluate(samples, engine, views=("full", "crop"), out_dir="runs/eval")
+
+For each view, samples are rendered (`imaging.render_view`), batched into conversations, answered
+by `engine.generate` and graded by rules (`grading.grade`). A sample whose image cannot be loaded
+or whose generation failed is a wrong item with its error recorded: it stays in the denominator.
+
+With `out_dir`, every graded item is appended to `predictions.jsonl` as soon as its batch is done;
+a rerun skips the (view, id) pairs already there, so a crash or Ctrl-C loses at most one batch.
+At the end `results.json` (machine-readable) and `summary.md` (the table) are written.
+
+Latency: each batch's `generate` call is timed; every item of the batch gets batch time / batch
+size (the model's cost per question, rendering excluded). samples/s = items / generation time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from zoomless.engines.base import Engine, SamplingParams, conversation
+from zoomless.eval.grading import grade
+from zoomless.eval.metrics import Accuracy, Gap, by_dimension, gap_by_dimension, latency_stats
+from zoomless.imaging import render_view
+from zoomless.prompts import FORMS, format_question
+from zoomless.sample import Sample
+
+PREDICTIONS = "predictions.jsonl"
+SETTINGS = "settings.json"
+RESULTS = "results.json"
+SUMMARY = "summary.md"
+
+# Settings that change the answers: a resumed run must match them.
+_RESUME_KEYS = ("model", "form", "max_new_tokens", "max_pixels", "crop_margin", "zoom", "seed")
+
+
+@dataclass
+class ItemResult:
+    view: str
+    id: str
+    dimension: str | None
+    prediction: str | None
+    parsed: str | None
+    correct: bool
+    method: str
+    latency_s: float | None = None  # None for items that never reached the model
+    error: str | None = None
+
+
+@dataclass
+class EvalResult:
+    settings: dict[str, Any]
+    items: dict[str, list[ItemResult]] = field(default_factory=dict)  # view -> items, sample order
+
+    @property
+    def views(self) -> list[str]:
+        return list(self.items)
+
+    @property
+    def dimensions(self) -> list[str]:
+        """The dimensions present, sorted ("other" for samples without one)."""
+        return sorted({it.dimension or "other" for items in self.items.values() for it in items})
+
+    def accuracy(self, view: str) -> dict[str, Accuracy]:
+        """Accuracy per dimension plus "all" for one view."""
+        items = self.items[view]
+        return by_dimension([it.correct for it in items], [it.dimension for it in items])
+
+    def gap(self, full: str = "full", crop: str = "crop") -> dict[str, Gap] | None:
+        """The zooming gap Acc(crop) - Acc(full), paired per question, per dimension plus "all"."""
+        if full not in self.items or crop not in self.items:
+            return None
+        f = {it.id: it.correct for it in self.items[full]}
+        c = {it.id: it.correct for it in self.items[crop]}
+        dims = {it.id: it.dimension for it in self.items[full]}
+        return gap_by_dimension(f, c, dims)
+
+    def timing(self, view: str) -> dict[str, float]:
+        lat = [it.latency_s for it in self.items[view] if it.latency_s is not None]
+        return latency_stats(lat)
+
+    def methods(self, view: str) -> dict[str, int]:
+        """How many items each grading method decided (how many were unparsable or failed)."""
+        counts: dict[str, int] = {}
+        for it in self.items[view]:
+            counts[it.method] = counts.get(it.method, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        gap = self.gap()
+        return {
+            "settings": self.settings,
+            "views": {
+                v: {
+                    "accuracy": {d: asdict(a) for d, a in self.accuracy(v).items()},
+                    "methods": self.methods(v),
+                    "timing": self.timing(v),
+                }
+                for v in self.views
+            },
+            "gap": None if gap is None else {d: asdict(g) for d, g in gap.items()},
+        }
+
+
+# ----------------------------------------------------------------------------- resume files
+
+
+def _read_done(path: Path) -> dict[tuple[str, str], ItemResult]:
+    """Items already graded. A last line cut off by a crash is dropped from the file."""
+    done: dict[tuple[str, str], ItemResult] = {}
+    if not path.exists():
+        return done
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # torn write: keep only whole lines
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    for n, line in enumerate(raw.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = ItemResult(**json.loads(line))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a prediction record ({e})") from None
+        done[(item.view, item.id)] = item
+    return done
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix predictions made under different settings in one folder."""
+    path = out_dir / SETTINGS
+    if path.exists():
+        old = json.loads(path.read_text())
+        for k in _RESUME_KEYS:
+            if old.get(k) != settings.get(k):
+                raise ValueError(
+                    f"{out_dir}: earlier predictions used {k}={old.get(k)!r}, this run asks "
+                    f"{k}={settings.get(k)!r}; use another out_dir"
+                )
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def view_for(sample: Sample, view: str) -> str:
+    """The view actually rendered: a crop of a sample without a box is its teacher image
+    (ZoomBench ships its own crop); everything else as asked."""
+    if view == "crop" and sample.box is None and sample.teacher_image is not None:
+        return "teacher"
+    return view
+
+
+def _check_samples(samples: Sequence[Sample]) -> None:
+    seen: set[str] = set()
+    for s in samples:
+        if s.id in seen:
+            raise ValueError(f"sample id {s.id!r} appears twice; ids must be unique")
+        if s.answer is None:
+            raise ValueError(f"sample {s.id!r} has no gold answer to evaluate against")
+        seen.add(s.id)
+
+
+def _answer_batch(
+    batch: Sequence[Sample],
+    view: str,
+    engine: Engine,
+    params: SamplingParams,
+    form: str,
+    render_kw: dict[str, Any],
+) -> list[ItemResult]:
+    """Render, generate and grade one batch; rendering failures become failed items."""
+    out: dict[int, ItemResult] = {}
+    convs, asked = [], []
+    for i, s in enumerate(batch):
+        try:
+            image, text = render_view(s, view_for(s, view), **render_kw)
+        except Exception as e:  # noqa: BLE001 - any unusable input is one failed item, never a crash
+            msg = " ".join(str(e).split()) or type(e).__name__
+            out[i] = ItemResult(view, s.id, s.dimension, None, None, False, "error", None, msg)
+            continue
+        convs.append(conversation([image], format_question(s, text, form)))
+        asked.append(i)
+    if convs:
+        t0 = time.perf_counter()
+        gens = engine.generate(convs, params)
+        per_item = (time.perf_counter() - t0) / len(convs)
+        if len(gens) != len(convs):
+            raise RuntimeError(f"engine {engine.name!r} returned {len(gens)} answers for {len(convs)} questions")
+        for i, g in zip(asked, gens):
+            s, gen = batch[i], g[0]
+            gr = grade(s, gen.text, form, error=gen.error)
+            out[i] = ItemResult(
+                view, s.id, s.dimension, gen.text, gr.parsed, gr.correct, gr.method, per_item, gen.error
+            )
+    return [out[i] for i in range(len(batch))]
+
+
+def evaluate(
+    samples: Iterable[Sample],
+    engine: Engine,
+    *,
+    views: Sequence[str] = ("full", "crop"),
+    form: str = "mcq",
+    max_new_tokens: int = 16,
+    max_pixels: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    crop_margin: float = 0.25,
+    zoom: float = 2.0,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    benchmark: str | None = None,
+    model: str | None = None,
+) -> EvalResult:
+    """Ask every sample in every view, grade, and (with `out_dir`) write predictions, results and
+    summary, resuming from earlier predictions in that folder. `benchmark` and `model` are labels
+    for reports (`model` defaults to the engine's name)."""
+    samples = list(samples)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_samples(samples)
+    settings = {
+        "model": model or getattr(engine, "name", type(engine).__name__),
+        "benchmark": benchmark,
+        "form": form,
+        "views": list(views),
+        "max_new_tokens": max_new_tokens,
+        "max_pixels": max_pixels,
+        "crop_margin": crop_margin,
+        "zoom": zoom,
+        "seed": seed,
+        "decoding": "greedy",
+        "batch_size": batch_size,
+        "n_samples": len(samples),
+    }
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+    render_kw = {"crop_margin": crop_margin, "zoom": zoom, "max_pixels": max_pixels}
+
+    done: dict[tuple[str, str], ItemResult] = {}
+    pred_file = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _check_settings(out, settings)
+        done = _read_done(out / PREDICTIONS)
+        pred_file = (out / PREDICTIONS).open("a")
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        disable=not progress,
+    )
+    try:
+        with bar:
+            for view in views:
+                todo = [s for s in samples if (view, s.id) not in done]
+                task = bar.add_task(f"{view:>8}", total=len(samples), completed=len(samples) - len(todo))
+                for start in range(0, len(todo), batch_size):
+                    batch = todo[start : start + batch_size]
+                    for item in _answer_batch(batch, view, engine, params, form, render_kw):
+                        done[(view, item.id)] = item
+                        if pred_file is not None:
+                            pred_file.write(json.dumps(asdict(item)) + "\n")
+                    if pred_file is not None:
+                        pred_file.flush()
+                    bar.advance(task, len(batch))
+    finally:
+        if pred_file is not None:
+            pred_file.close()
+
+    result = EvalResult(settings, {v: [done[(v, s.id)] for s in samples] for v in views})
+    if out_dir is not None:
+        write_outputs(result, out_dir)
+    return result
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path) -> None:
+    """results.json and summary.md."""
+    from zoomless.eval.report import to_markdown  # report imports nothing from here at run time
+
+    out = Path(out_dir)
+    (out / RESULTS).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (out / SUMMARY).write_text(to_markdown(result))
+
+
+def load_result(out_dir: str | Path) -> EvalResult:
+    """An EvalResult rebuilt from an evaluation folder (settings.json + predictions.jsonl), in
+    file order; used to compare runs made earlier."""
+    out = Path(out_dir)
+    if not (out / SETTINGS).exists():
+        raise ValueError(f"{out}: no {SETTINGS}; not an evaluation folder")
+    settings = json.loads((out / SETTINGS).read_text())
+    items: dict[str, list[ItemResult]] = {}
+    for item in _read_done(out / PREDICTIONS).values():
+        items.setdefault(item.view, []).append(item)
+    return EvalResult(settings, items)
+
+
+def evaluate_file(
+    path: str | Path, engine: Engine, out_dir: str | Path | None = None, *, limit: int | None = None, **kw: Any
+) -> EvalResult:
+    """The CLI entry point: load a benchmark file (sample JSONL/parquet or the generic JSON form),
+    keep the first `limit` samples, and `evaluate` them; keyword arguments go to `evaluate`."""
+    from zoomless.eval.generic import load_benchmark
+
+    samples = load_benchmark(path)
+    if limit is not None:
+        samples = samples[:limit]
+    kw.setdefault("benchmark", Path(path).name)
+    return evaluate(samples, engine, out_dir=out_dir, **kw)
