@@ -1,0 +1,111 @@
+"""Teacher forcing: prompt (images + text) followed by given response tokens, batched with right padding.
+
+For a sequence whose prompt has P tokens and whose response has L tokens, the logits at positions
+P-1 .. P+L-2 predict the response. A batch records, for every response token, its (row, position)
+pair, so the hidden states there can be gathered into one [N, H] tensor and the LM head applied only
+to them (see `losses.chunked_map`). The student and teacher views of a sequence are two batches with
+different prompts (another image, perhaps another question) and the same response ids.
+
+Position ids are left to the model: Qwen-VL builds its 3D M-RoPE ids from input_ids, the image grid
+and the attention mask, which is right for right padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from zoomless.engines.base import Conversation
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class PromptEncoding:
+    """One tokenized prompt: its ids, multimodal token types, and the processor's vision tensors."""
+
+    input_ids: Tensor  # [P]
+    mm_token_type_ids: Tensor | None  # [P]: 1 on image tokens; extended with 0 for the response
+    vision: dict[str, Tensor]  # e.g. pixel_values [patches, dim] and image_grid_thw [images, 3]
+
+
+def encode_prompt(processor: Any, conversation: Conversation) -> PromptEncoding:
+    """Tokenize one prompt exactly as the engines do: chat template + generation prompt + processor."""
+    from zoomless.models.loading import encode_conversations
+
+    enc = encode_conversations(processor, [conversation])
+    mm = enc.get("mm_token_type_ids")
+    vision = {k: v for k, v in enc.items() if k not in _TEXT_KEYS and isinstance(v, Tensor)}
+    return PromptEncoding(enc["input_ids"][0], None if mm is None else mm[0], vision)
+
+
+@dataclass
+class TeacherForcingBatch:
+    inputs: dict[str, Tensor]  # the model's keyword arguments
+    rows: Tensor  # [N] batch row of each response token
+    positions: Tensor  # [N] position whose logits predict that token
+    targets: Tensor  # [N] the response token ids
+    lengths: list[int]  # response length of each sequence (N = sum)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+    def to(self, device: torch.device | str) -> "TeacherForcingBatch":
+        return TeacherForcingBatch(
+            {k: v.to(device) for k, v in self.inputs.items()},
+            self.rows.to(device), self.positions.to(device), self.targets.to(device), self.lengths,
+        )
+
+
+def build_batch(
+    prompts: Sequence[PromptEncoding], responses: Sequence[Sequence[int]], pad_id: int
+) -> TeacherForcingBatch:
+    """Right-padded prompt+response batch; vision tensors concatenated in row order."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("every response needs at least one token to teacher-force")
+    seqs = [torch.cat([p.input_ids, torch.as_tensor(list(r), dtype=p.input_ids.dtype)]) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    has_mm = any(p.mm_token_type_ids is not None for p in prompts)
+    mm = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, positions = [], []
+    for b, (p, s) in enumerate(zip(prompts, seqs)):
+        input_ids[b, : len(s)] = s
+        attention_mask[b, : len(s)] = 1
+        if p.mm_token_type_ids is not None:
+            mm[b, : len(p.input_ids)] = p.mm_token_type_ids  # response tokens are text: 0
+        start, n = len(p.input_ids), len(s) - len(p.input_ids)
+        rows.append(torch.full((n,), b, dtype=torch.long))
+        positions.append(torch.arange(start - 1, start + n - 1))
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if has_mm:
+        inputs["mm_token_type_ids"] = mm
+    for key in dict.fromkeys(k for p in prompts for k in p.vision):  # prompts without images add nothing
+        inputs[key] = torch.cat([p.vision[key] for p in prompts if key in p.vision])
+    targets = torch.cat([torch.as_tensor(list(r), dtype=torch.long) for r in responses])
+    return TeacherForcingBatch(inputs, torch.cat(rows), torch.cat(positions), targets, [len(r) for r in responses])
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    return model.get_output_embeddings()
+
+
+def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
+    """Final hidden states at the response-predicting positions: [N, H], without the LM head.
+
+    Runs the multimodal backbone (`model.model` in HF's *ForConditionalGeneration classes), so the
+    [tokens x vocab] logits of the whole sequence are never formed.
+    """
+    out = model.model(**batch.inputs, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[batch.rows, batch.positions]

@@ -1,0 +1,164 @@
+"""Training configs: pydantic models that map one-to-one onto the recipes' code.
+
+Unknown keys fail at load time with the path to them (`extra="forbid"`), so a typo in a YAML file
+never silently falls back to a default. Defaults are small enough for a CPU sanity run; where the
+published Vision-OPD run used a different value, the field's comment gives it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Form = Literal["mcq", "open"]
+SFT_VIEWS = ("full", "crop", "zoom", "overlay")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the one-line message names the file and the key."""
+
+
+class TrainConfig(BaseModel):
+    """Fields every recipe shares (the shared core in `train/common.py` reads only these)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+    model_dir: Path  # a local HF model directory (the student's starting point)
+    data: list[Path]  # sample files (JSONL or parquet); a single path is accepted too
+    out_dir: Path
+    seed: int = 0
+
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)  # linear warmup to lr, then constant
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)  # prompts per optimizer step
+    micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward
+    save_every: int = Field(0, ge=0)  # 0: save only at the end
+    log_every: int = Field(1, ge=1)
+
+    max_pixels: int | None = Field(None, ge=28 * 28)  # resize every view to this pixel budget
+    crop_margin: float = Field(0.25, ge=0)
+    zoom: float = Field(2.0, gt=0)
+    form: Form = "mcq"  # how questions are asked (samples without options are always open)
+
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 autocast on CUDA
+    gradient_checkpointing: bool = False
+    logits_chunk_size: int = Field(512, ge=1)  # response rows per LM-head chunk
+    resume: bool = False  # continue from the last checkpoint in out_dir
+    tensorboard: bool = True
+    progress: bool = True  # rich progress bar
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+    @field_validator("data")
+    @classmethod
+    def _not_empty(cls, v: list[Path]) -> list[Path]:
+        if not v:
+            raise ValueError("give at least one sample file")
+        return v
+
+
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on gold answers (loss on answer tokens only)."""
+
+    # one view, or a weighted mix such as {"full": 0.5, "overlay": 0.5} drawn per sample
+    view: str | dict[str, float] = "full"
+
+    @field_validator("view")
+    @classmethod
+    def _known_views(cls, v: str | dict[str, float]) -> str | dict[str, float]:
+        names = [v] if isinstance(v, str) else list(v)
+        bad = [n for n in names if n not in SFT_VIEWS]
+        if bad:
+            raise ValueError(f"unknown view {bad[0]!r}; expected one of {', '.join(SFT_VIEWS)}")
+        if isinstance(v, dict) and (not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0):
+            raise ValueError("view weights must be >= 0 with a positive sum")
+        return v
+
+
+class OPDConfig(TrainConfig):
+    """Vision-OPD on-policy self-distillation (reference values from the published run in comments)."""
+
+    lr: float = Field(2e-6, gt=0)  # reference 2e-6
+    warmup_steps: int = Field(10, ge=0)  # reference 10
+    n: int = Field(4, ge=1)  # rollouts per prompt; reference 8
+    temperature: float = Field(1.0, gt=0)  # reference 1.0 (also divides the logits in the loss)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)  # reference 1024
+    topk: int = Field(100, ge=1)  # reference 100 (+ one tail bucket)
+    alpha: float = Field(0.5, ge=0, le=1)  # 0: KL(T||S), 1: KL(S||T), 0.5: JSD (reference)
+    teacher: Literal["ema", "frozen", "student"] = "ema"
+    ema_rate: float = Field(0.05, ge=0, le=1)  # reference 0.05
+    student_view: Literal["full", "overlay"] = "full"
+    teacher_view: Literal["teacher", "zoom", "crop"] = "teacher"
+    is_clip: float | None = Field(None, gt=0)  # truncated IS weights; only matter with updates_per_batch > 1
+    updates_per_batch: int = Field(1, ge=1)  # optimizer steps per rollout batch; reference 1
+    rollout_batch_size: int = Field(8, ge=1)  # sequences per generate batch
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path | None, cls: type[C], overrides: dict[str, Any] | None = None) -> C:
+    """Read a YAML config (or none), apply `overrides` (dotted keys allowed), validate into `cls`.
+
+    Raises ConfigError naming the file and the offending key(s).
+    """
+    source = str(path) if path is not None else "config"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: no such config file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+        raw = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["lr=1e-4", "teacher=frozen"] -> {"lr": 0.0001, "teacher": "frozen"} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out

@@ -1,0 +1,51 @@
+"""The distillation teacher: an fp32 EMA copy of the student, the frozen base model, or the live student.
+
+The EMA weights stay in fp32 (spec 3): with a small learning rate, 0.05 * (student - teacher) is
+far below bf16 resolution, so a bf16 EMA would never move. Forwards may still run under bf16
+autocast. Only parameters are averaged; buffers are copied as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import nn
+
+TeacherMode = Literal["ema", "frozen", "student"]
+
+
+def make_teacher(student: nn.Module, mode: TeacherMode, init: nn.Module | None = None) -> nn.Module:
+    """The teacher module for `mode`.
+
+    "ema" and "frozen" get a separate fp32 copy (of `init` when given, e.g. a teacher restored from a
+    checkpoint, else of the student) with requires_grad off, in eval mode. "student" returns the
+    student itself: the caller runs it under no_grad.
+    """
+    if mode == "student":
+        return student
+    if mode not in ("ema", "frozen"):
+        raise ValueError(f"teacher must be 'ema', 'frozen' or 'student', got {mode!r}")
+    teacher = copy.deepcopy(init if init is not None else student).float()
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
+    """In place, parameter by parameter: teacher <- (1 - rate) * teacher + rate * student, in fp32.
+
+    Parameters are matched by name, so a different module order or wrapping fails loudly instead of
+    silently averaging the wrong tensors.
+    """
+    if rate == 0.0:
+        return
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    if t_params.keys() != s_params.keys():
+        missing = sorted(set(s_params) ^ set(t_params))[:3]
+        raise ValueError(f"teacher and student parameters differ (e.g. {', '.join(missing)})")
+    for name, t in t_params.items():
+        t.lerp_(s_params[name].detach().to(device=t.device, dtype=t.dtype), rate)

@@ -1,0 +1,272 @@
+"""Vision-OPD: on-policy self-distillation from the zoomed-in view to the full view (spec 1.7).
+
+One step:
+  1. the student samples `n` responses per prompt on its own view (full image, or the overlay);
+  2. the student teacher-forces them (with grad) and picks its top-k ids at every response position;
+  3. the teacher (EMA copy, frozen base, or the live student) teacher-forces the same responses under
+     the teacher view (the crop) and keeps only its log-probs at those ids;
+  4. loss = global token mean of the top-k + tail generalized JSD (alpha 0.5: JSD), backpropagated
+     micro-batch by micro-batch with the step's total token count as the denominator;
+  5. one AdamW step, then the EMA teacher moves 5% towards the student (in fp32).
+No reward, no labels: ground-truth answers are never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from zoomless.engines.base import Engine, SamplingParams
+from zoomless.sample import Sample
+from zoomless.train.batching import (
+    PromptEncoding,
+    TeacherForcingBatch,
+    build_batch,
+    encode_prompt,
+    lm_head,
+    response_hidden,
+)
+from zoomless.train.common import (
+    MetricsLogger,
+    Rollout,
+    Run,
+    Timer,
+    checkpoint_dir,
+    chunks,
+    clip_and_step,
+    pad_id,
+    rollout,
+    save_checkpoint,
+    should_save,
+    start_run,
+    view_conversation,
+)
+from zoomless.train.config import OPDConfig
+from zoomless.train.ema import ema_update_, make_teacher
+from zoomless.train.losses import (
+    chunked_logprobs,
+    chunked_map,
+    gather_logprobs,
+    topk_generalized_jsd,
+    topk_ids,
+    truncated_is_weights,
+)
+
+EngineFactory = Callable[[nn.Module, Any], Engine]
+
+
+def check_views(samples: list[Sample], cfg: OPDConfig) -> None:
+    """Fail before training if a sample cannot be shown in the student or teacher view."""
+    for s in samples:
+        if s.box is not None:
+            continue
+        if cfg.student_view == "overlay":
+            view = "overlay"
+        elif cfg.teacher_view != "teacher" or s.teacher_image is None:
+            view = cfg.teacher_view
+        else:
+            continue
+        raise ValueError(f"sample {s.id}: the {view!r} view needs a 'box' (or a 'teacher_image') and it has none")
+
+
+def _hf_engine(model: nn.Module, processor: Any, batch_size: int) -> Engine:
+    from zoomless.engines.hf import HFEngine
+
+    return HFEngine(model, processor, batch_size=batch_size)
+
+
+@dataclass
+class TokenDistillation:
+    jsd: torch.Tensor  # [N] per-token divergence, differentiable w.r.t. the student
+    logp: torch.Tensor  # [N] student log-prob of each response token (for IS weights)
+    agree: torch.Tensor  # [N] bool: student and teacher have the same top-1 token
+
+
+def distill_tokens(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_batch: TeacherForcingBatch,
+    teacher_batch: TeacherForcingBatch,
+    *,
+    topk: int,
+    alpha: float,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    timer: Timer | None = None,
+) -> TokenDistillation:
+    """Per-token top-k + tail JSD of one micro-batch: the student's forward (with grad) picks the
+    top-k ids, the teacher's forward (no grad) keeps only its log-probs at those ids."""
+    timer = timer or Timer()
+    head, t_head, T = lm_head(student), lm_head(teacher), temperature
+    with timer("student"), autocast_ctx():
+        hs = response_hidden(student, student_batch)
+        with torch.no_grad():
+            ids = chunked_map(hs.detach(), head, lambda z: topk_ids(z, topk), chunk_size=chunk_size)
+    with timer("teacher"), torch.no_grad(), autocast_ctx():
+        ht = response_hidden(teacher, teacher_batch)
+        t_logp, t_top1 = chunked_map(
+            ht, t_head, lambda z, i: (gather_logprobs(z, i, T), z.argmax(-1)), ids, chunk_size=chunk_size
+        )
+        del ht
+    with timer("student"), autocast_ctx():
+        jsd, logp = chunked_map(
+            hs, head,
+            lambda z, i, t, y: (topk_generalized_jsd(z, i, t, alpha, T), gather_logprobs(z, y, T)),
+            ids, t_logp, student_batch.targets, chunk_size=chunk_size,
+        )
+    return TokenDistillation(jsd, logp, ids[:, 0] == t_top1)
+
+
+def distill_micro_batch(
+    cfg: OPDConfig,
+    run: Run,
+    teacher: nn.Module,
+    student_prompts: list[PromptEncoding],
+    teacher_prompts: list[PromptEncoding],
+    rollouts: list[Rollout],
+    denominator: float,
+    timer: Timer,
+    old_logp: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Distill one micro-batch and backprop sum(weighted JSD) / denominator; return the sums to log."""
+    responses = [r.token_ids for r in rollouts]
+    pad = pad_id(run.processor)
+    sb = build_batch([student_prompts[r.prompt_index] for r in rollouts], responses, pad).to(run.device)
+    tb = build_batch([teacher_prompts[r.prompt_index] for r in rollouts], responses, pad).to(run.device)
+    out = distill_tokens(
+        run.model, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
+        chunk_size=cfg.logits_chunk_size, autocast_ctx=run.autocast, timer=timer,
+    )
+    weights = None
+    if old_logp is not None and cfg.is_clip is not None:
+        weights = truncated_is_weights(out.logp, old_logp, cfg.is_clip)
+    per_token = out.jsd if weights is None else out.jsd * weights
+    with timer("student"):
+        (per_token.sum() / denominator).backward()
+    return {
+        "jsd_sum": float(out.jsd.detach().sum()),
+        "agree_sum": float(out.agree.sum()),
+        "is_weight_sum": float(weights.sum()) if weights is not None else float(sb.num_tokens),
+    }
+
+
+@torch.no_grad()
+def student_logprobs(cfg: OPDConfig, run: Run, prompts: list[PromptEncoding], rollouts: list[Rollout]) -> torch.Tensor:
+    """Sampled-token log-probs under the current student (the "old" policy for IS weights)."""
+    b = build_batch([prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts], pad_id(run.processor))
+    b = b.to(run.device)
+    with run.autocast():
+        h = response_hidden(run.model, b)
+        return chunked_logprobs(h, lm_head(run.model), b.targets, cfg.temperature, cfg.logits_chunk_size)
+
+
+def opd_step(
+    cfg: OPDConfig, run: Run, teacher: nn.Module, engine: Engine, banned_ids: list[int], step: int, timer: Timer
+) -> dict[str, float]:
+    batch = [run.samples[i] for i in run.data.next_batch()]
+    view = dict(form=cfg.form, max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
+    with timer("prompts"):
+        student_convs = [view_conversation(s, cfg.student_view, **view) for s in batch]
+    with timer("rollout"):
+        params = SamplingParams(
+            n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed * 1_000_003 + step,  # a pure function of the step: resumed runs sample the same
+        )
+        rb = rollout(engine, student_convs, params, banned_ids, model=run.model, autocast_ctx=run.autocast())
+    metrics: dict[str, float] = {
+        "dropped": float(rb.dropped), "dropped_vision": float(rb.dropped_vision), "rollouts": float(rb.total),
+    }
+    if not rb.rollouts:  # nothing to distill: no update, the teacher stays as it is
+        metrics.update(tokens=0.0, skipped=1.0)
+        return metrics
+    with timer("prompts"):
+        student_prompts = [encode_prompt(run.processor, c) for c in student_convs]
+        teacher_prompts = [
+            encode_prompt(run.processor, view_conversation(s, cfg.teacher_view, **view)) for s in batch
+        ]
+    lengths = [len(r.token_ids) for r in rb.rollouts]
+    total = float(sum(lengths))
+    micro = [list(mb) for mb in chunks(rb.rollouts, cfg.micro_batch_size)]
+    old = None
+    if cfg.is_clip is not None and cfg.updates_per_batch > 1:
+        with timer("student"):
+            old = [student_logprobs(cfg, run, student_prompts, mb) for mb in micro]
+
+    sums, norms, skipped = [], [], 0
+    for update in range(cfg.updates_per_batch):
+        totals = {"jsd_sum": 0.0, "agree_sum": 0.0, "is_weight_sum": 0.0}
+        for j, mb in enumerate(micro):
+            weights_from = old[j] if old is not None and update > 0 else None  # update 0 is on-policy: r = 1
+            out = distill_micro_batch(cfg, run, teacher, student_prompts, teacher_prompts, mb, total, timer, weights_from)
+            for k in totals:
+                totals[k] += out[k]
+        if update == 0:
+            metrics["lr"] = run.optimizer.param_groups[0]["lr"]
+        with timer("step"):
+            norm, applied = clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
+            if applied and cfg.teacher == "ema":
+                ema_update_(teacher, run.model, cfg.ema_rate)
+        sums.append(totals)
+        norms.append(norm)
+        skipped += not applied
+    # the divergence and agreement as sampled (first update); IS weights where they act (last update)
+    metrics["jsd"] = sums[0]["jsd_sum"] / total
+    metrics["agreement"] = sums[0]["agree_sum"] / total
+    if old is not None:
+        metrics["is_weight"] = sums[-1]["is_weight_sum"] / total
+    metrics.update(
+        tokens=total,
+        response_len=total / len(lengths),
+        response_len_max=float(max(lengths)),
+        truncated=sum(r.finish_reason == "length" for r in rb.rollouts) / len(lengths),
+        grad_norm=sum(norms) / len(norms),
+        skipped=float(skipped),
+    )
+    return metrics
+
+
+def train_opd(cfg: OPDConfig, make_engine: EngineFactory | None = None) -> Path:
+    """Run Vision-OPD; return the final checkpoint directory (student as a standard HF model dir,
+    the teacher under `teacher/`).
+
+    `make_engine(model, processor)` builds the rollout engine around the live student (default: the
+    in-process HF engine); it must sample from the current weights at every step.
+    """
+    from zoomless.models.loading import load_vlm, vision_token_ids
+
+    run = start_run(cfg)
+    check_views(run.samples, cfg)
+    init = None
+    if run.resumed_from is not None and cfg.teacher != "student":
+        init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=run.device)
+    teacher = make_teacher(run.model, cfg.teacher, init=init)
+    del init
+    engine = (make_engine or (lambda m, p: _hf_engine(m, p, cfg.rollout_batch_size)))(run.model, run.processor)
+    run.model.train()  # engines may switch the model to eval mode; `rollout` does so only while sampling
+    banned = vision_token_ids(run.processor)
+    extra_models = {"teacher": teacher} if teacher is not run.model else {}
+
+    logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=("jsd", "agreement"))
+    final = None
+    try:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            timer = Timer()
+            metrics = opd_step(cfg, run, teacher, engine, banned, step, timer)
+            metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logger.log(step, metrics)
+            else:
+                logger.advance(step)
+            if should_save(step, cfg.max_steps, cfg.save_every):
+                final = save_checkpoint(
+                    cfg.out_dir, step, run.model, run.processor, run.optimizer, run.scheduler, run.data, extra_models
+                )
+    finally:
+        logger.close()
+    return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)

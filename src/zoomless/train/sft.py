@@ -1,0 +1,113 @@
+"""Supervised fine-tuning on sample records: the gold answer as the target, loss on answer tokens only.
+
+The target is the answer in the asked form (the option letter for multiple choice, the answer text
+for open questions) followed by the end-of-turn token. The view is fixed or drawn per sample from a
+weighted mix; the draw depends only on (seed, step, index), so a resumed run draws the same views.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from zoomless.prompts import gold_letter, sample_form
+from zoomless.sample import Sample
+from zoomless.train.batching import build_batch, encode_prompt, lm_head, response_hidden
+from zoomless.train.common import (
+    MetricsLogger,
+    Run,
+    Timer,
+    checkpoint_dir,
+    chunks,
+    clip_and_step,
+    end_of_turn_id,
+    pad_id,
+    save_checkpoint,
+    should_save,
+    start_run,
+    view_conversation,
+)
+from zoomless.train.config import SFTConfig
+from zoomless.train.losses import chunked_logprobs
+
+
+def pick_view(view: str | dict[str, float], seed: int, step: int, index: int) -> str:
+    if isinstance(view, str):
+        return view
+    names = list(view)
+    return random.Random(f"{seed}:{step}:{index}").choices(names, weights=[view[n] for n in names])[0]
+
+
+def target_text(sample: Sample, form: str) -> str:
+    """The gold answer as the model should write it: the letter (MCQ) or the answer text (open)."""
+    if sample_form(sample, form) == "mcq":
+        letter = gold_letter(sample)
+        if letter is None:
+            raise ValueError(f"sample {sample.id}: no gold option letter to train on")
+        return letter
+    if not sample.answer:
+        raise ValueError(f"sample {sample.id}: no gold 'answer' to train on")
+    return sample.answer
+
+
+def target_ids(processor, sample: Sample, form: str, eos_id: int) -> list[int]:
+    return processor.tokenizer(target_text(sample, form), add_special_tokens=False)["input_ids"] + [eos_id]
+
+
+def check_views(samples: list[Sample], view: str | dict[str, float]) -> None:
+    """Fail before training if a sample lacks the box that a view it may be shown in needs."""
+    needs_box = [v for v in ([view] if isinstance(view, str) else [v for v, w in view.items() if w > 0]) if v != "full"]
+    for s in samples:
+        if needs_box and s.box is None:
+            raise ValueError(f"sample {s.id}: the {needs_box[0]!r} view needs a 'box' and it has none")
+
+
+def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer) -> dict[str, float]:
+    """One optimizer step on `batch_size` samples: a global token mean of the answer cross-entropy."""
+    eos = end_of_turn_id(run.model, run.processor)
+    batch = [run.samples[i] for i in run.data.next_batch()]
+    with timer("data"):
+        prompts, responses = [], []
+        for i, s in enumerate(batch):
+            view = pick_view(cfg.view, cfg.seed, step, i)
+            conv = view_conversation(s, view, cfg.form, max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
+            prompts.append(encode_prompt(run.processor, conv))
+            responses.append(target_ids(run.processor, s, cfg.form, eos))
+    total_tokens = sum(len(r) for r in responses)
+    head = lm_head(run.model)
+    loss_sum = 0.0
+    with timer("forward_backward"):
+        for idx in chunks(range(len(batch)), cfg.micro_batch_size):
+            tf = build_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id(run.processor)).to(run.device)
+            with run.autocast():
+                hidden = response_hidden(run.model, tf)
+            logp = chunked_logprobs(hidden, head, tf.targets, chunk_size=cfg.logits_chunk_size)
+            loss = -logp.sum() / total_tokens  # backprop per micro-batch, global token-mean denominator
+            loss.backward()
+            loss_sum += loss.item()
+    lr = run.optimizer.param_groups[0]["lr"]
+    with timer("step"):
+        grad_norm, applied = clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
+    return {"loss": loss_sum, "tokens": float(total_tokens), "grad_norm": grad_norm, "skipped": float(not applied), "lr": lr}
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run supervised fine-tuning; return the final checkpoint directory (a standard HF model dir)."""
+    run = start_run(cfg)
+    check_views(run.samples, cfg.view)
+    logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=("loss",))
+    final = None
+    try:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            timer = Timer()
+            metrics = sft_step(cfg, run, step, timer)
+            metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logger.log(step, metrics)
+            else:
+                logger.advance(step)
+            if should_save(step, cfg.max_steps, cfg.save_every):
+                final = save_checkpoint(cfg.out_dir, step, run.model, run.processor, run.optimizer, run.scheduler, run.data)
+    finally:
+        logger.close()
+    return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run

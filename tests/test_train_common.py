@@ -1,0 +1,117 @@
+"""The shared training core: configs, EMA math, data order, schedule, rollout filtering."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoomless.engines.base import Generation
+from zoomless.train import recipes
+from zoomless.train.common import DataIterator, build_optimizer, filter_generations, warmup_constant_schedule
+from zoomless.train.config import ConfigError, OPDConfig, SFTConfig, load_config, parse_overrides
+from zoomless.train.ema import ema_update_, make_teacher
+
+REQUIRED = {"model_dir": "m", "data": "d.jsonl", "out_dir": "o"}
+
+
+def test_config_unknown_key_names_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "opd.yaml"
+    path.write_text("model_dir: m\ndata: [a.jsonl, b.jsonl]\nout_dir: o\nalpah: 0.3\n")
+    with pytest.raises(ConfigError, match=r"opd\.yaml: alpah: unknown key"):
+        load_config(path, OPDConfig)
+    path.write_text("model_dir: m\ndata: [a.jsonl, b.jsonl]\nout_dir: o\nalpha: 0.3\nteacher: ema\n")
+    cfg = load_config(path, OPDConfig, {"teacher": "frozen", "n": 8})
+    assert cfg.alpha == 0.3 and cfg.teacher == "frozen" and cfg.n == 8 and len(cfg.data) == 2
+    with pytest.raises(ConfigError, match="teacher: Input should be"):
+        load_config(path, OPDConfig, {"teacher": "oracle"})
+    with pytest.raises(ConfigError, match=r"view: Value error, unknown view 'zoomm'"):
+        load_config(None, SFTConfig, {**REQUIRED, "view": {"full": 1, "zoomm": 1}})
+    with pytest.raises(ConfigError, match="model_dir: Field required"):
+        load_config(None, SFTConfig, {"data": "d", "out_dir": "o"})
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml", SFTConfig)
+
+
+def test_overrides_and_recipe_table(tmp_path: Path) -> None:
+    assert parse_overrides(["lr=1e-4", "teacher=frozen", "max_pixels=12544"]) == {
+        "lr": "1e-4", "teacher": "frozen", "max_pixels": 12544,
+    }
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["lr"])
+    cfg = recipes.load("opd", None, [f"{k}={v}" for k, v in REQUIRED.items()] + ["lr=1e-4"], resume=True)
+    assert isinstance(cfg, OPDConfig) and cfg.lr == 1e-4 and cfg.resume
+    assert OPDConfig(**REQUIRED).lr == 2e-6 and OPDConfig(**REQUIRED).n == 4  # reference lr; n 8 in the reference
+    with pytest.raises(ConfigError, match="unknown training method 'ppo'"):
+        recipes.load("ppo", None, [])
+
+
+def test_ema_after_one_step_is_the_fp32_average() -> None:
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    teacher = make_teacher(student, "ema")
+    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
+    old = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    student(torch.randn(5, 4)).pow(2).sum().backward()
+    opt.step()
+    ema_update_(teacher, student, 0.05)
+    for n, p in teacher.named_parameters():
+        new = dict(student.named_parameters())[n].detach()
+        assert p.dtype == torch.float32
+        assert not torch.equal(new, old[n])
+        torch.testing.assert_close(p, 0.95 * old[n] + 0.05 * new, atol=1e-7, rtol=0)
+    assert make_teacher(student, "student") is student
+    frozen = make_teacher(student.to(torch.bfloat16), "frozen")
+    assert all(p.dtype == torch.float32 for p in frozen.parameters())  # teacher copies are fp32
+    with pytest.raises(ValueError, match="parameters differ"):
+        ema_update_(teacher, torch.nn.Linear(4, 3), 0.05)
+
+
+def test_small_updates_survive_in_fp32_ema() -> None:
+    # the reason for an fp32 EMA: a 0.05 * 1e-4 move is invisible in bf16 but kept in fp32
+    student = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(student.weight, 1.0)
+    teacher = make_teacher(student, "ema")
+    with torch.no_grad():
+        student.weight += 1e-4
+    ema_update_(teacher, student, 0.05)
+    assert teacher.weight.item() != 1.0
+    assert torch.tensor(teacher.weight.item(), dtype=torch.bfloat16).item() == 1.0
+
+
+def test_vision_token_responses_are_dropped_and_counted() -> None:
+    gens = [
+        [Generation("a", [5, 6, 2]), Generation("b", [5, 151, 2])],
+        [Generation("", [], finish_reason="error", error="boom"), Generation("c", [7])],
+    ]
+    out = filter_generations(gens, banned_ids=[150, 151])
+    assert out.total == 4 and out.dropped_vision == 1 and out.dropped_other == 1 and out.dropped == 2
+    assert [(r.prompt_index, r.token_ids) for r in out.rollouts] == [(0, [5, 6, 2]), (1, [7])]
+
+
+def test_data_iterator_epochs_and_state() -> None:
+    it = DataIterator(5, batch_size=3, seed=1)
+    batches = [it.next_batch() for _ in range(5)]  # 15 items = 3 epochs
+    flat = [i for b in batches for i in b]
+    for e in range(3):
+        assert sorted(flat[5 * e : 5 * e + 5]) == list(range(5))
+    assert flat[:5] != flat[5:10]  # reshuffled per epoch
+    it2 = DataIterator(5, batch_size=3, seed=1)
+    it2.next_batch(), it2.next_batch()
+    it3 = DataIterator(5, batch_size=3, seed=1)
+    it3.load_state_dict(it2.state_dict())
+    assert [it3.next_batch() for _ in range(3)] == batches[2:]
+
+
+def test_warmup_then_constant_and_no_decay_on_norms() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    opt = build_optimizer(model, lr=1.0, weight_decay=0.01)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    sched = warmup_constant_schedule(opt, warmup_steps=4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

@@ -1,0 +1,145 @@
+"""Vision-OPD recipe on a tiny real model: the distillation signal, the EMA teacher, drops, exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoomless.engines.base import Generation
+from zoomless.engines.hf import HFEngine
+from zoomless.models.loading import load_vlm, vision_token_ids
+from zoomless.models.tiny import build_tiny_vlm
+from zoomless.sample import read_samples
+from zoomless.train.batching import build_batch, encode_prompt
+from zoomless.train.common import pad_id, view_conversation
+from zoomless.train.config import OPDConfig
+from zoomless.train.opd import check_views, distill_tokens, train_opd
+from zoomless.world.generate import generate_split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("opd")
+    model = build_tiny_vlm(root / "model", family="qwen2_5_vl", size="test", seed=0)
+    data = generate_split(root / "world", "train", 4, seed=0, size=448, progress=False)
+    return model, data
+
+
+def _cfg(assets, out: Path, **kw) -> OPDConfig:
+    model, data = assets
+    base = dict(
+        model_dir=model, data=data, out_dir=out, lr=1e-3, warmup_steps=0, max_steps=2, batch_size=2, n=2,
+        max_new_tokens=6, topk=16, micro_batch_size=3, max_pixels=112 * 112, tensorboard=False, progress=False,
+    )
+    base.update(kw)
+    return OPDConfig(**base)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_vlm(path, dtype=torch.float32, device="cpu")
+    return dict(model.named_parameters())
+
+
+def test_distillation_is_zero_on_the_same_view_and_positive_across_views(assets) -> None:
+    model_dir, data = assets
+    model, processor = load_vlm(model_dir, dtype=torch.float32, device="cpu")
+    s = read_samples(data)[0]
+    view = dict(max_pixels=112 * 112, crop_margin=0.25, zoom=2.0)
+    full = encode_prompt(processor, view_conversation(s, "full", "mcq", **view))
+    crop = encode_prompt(processor, view_conversation(s, "teacher", "mcq", **view))
+    responses = [[40, 41, 42, 43], [50, 51]]
+    sb = build_batch([full, full], responses, pad_id(processor))
+    tb = build_batch([crop, crop], responses, pad_id(processor))
+    same = distill_tokens(model, model, sb, sb, topk=16, alpha=0.5)
+    other = distill_tokens(model, model, sb, tb, topk=16, alpha=0.5)
+    assert same.jsd.shape == other.jsd.shape == (6,)
+    assert same.jsd.abs().max() < 1e-7 and same.agree.all()
+    assert (other.jsd > 1e-7).all() and other.jsd.mean() > 1e3 * same.jsd.abs().max().clamp(min=1e-12)
+    other.jsd.sum().backward()  # gradients reach the student
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_ema_teacher_after_one_step_and_frozen_teacher(assets, tmp_path) -> None:
+    base = _params(assets[0])
+    final = train_opd(_cfg(assets, tmp_path / "ema", max_steps=1))
+    student, teacher = _params(final), _params(final / "teacher")
+    moved = 0
+    for name, b in base.items():
+        expected = 0.95 * b + 0.05 * student[name]
+        torch.testing.assert_close(teacher[name], expected, atol=1e-7, rtol=1e-6)
+        moved += not torch.equal(student[name], b)
+    assert moved > 0
+    m = _metrics(tmp_path / "ema")[0]
+    for key in ("jsd", "tokens", "dropped", "response_len", "grad_norm", "agreement", "seconds/rollout",
+                "seconds/student", "seconds/teacher", "seconds/step"):
+        assert key in m, key
+    assert m["tokens"] > 0 and m["rollouts"] == 4 and 0 <= m["agreement"] <= 1
+
+    frozen = train_opd(_cfg(assets, tmp_path / "frozen", max_steps=1, teacher="frozen"))
+    for name, t in _params(frozen / "teacher").items():
+        assert torch.equal(t, base[name]), name
+
+
+def test_resume_continues_exactly(assets, tmp_path) -> None:
+    straight = train_opd(_cfg(assets, tmp_path / "a", max_steps=4, save_every=2))
+    train_opd(_cfg(assets, tmp_path / "b", max_steps=2))
+    resumed = train_opd(_cfg(assets, tmp_path / "b", max_steps=4, save_every=2, resume=True))
+    for sub in ("", "teacher"):
+        p1, p2 = _params(straight / sub), _params(resumed / sub)
+        for name, t in p1.items():
+            assert torch.equal(t, p2[name]), f"{sub or 'student'}: {name}"
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["jsd"] for r in a] == [r["jsd"] for r in b] and len(b) == 4
+
+
+class InjectVisionToken:
+    """Wraps the HF engine and plants a vision special token in the first response of every call."""
+
+    def __init__(self, model, processor) -> None:
+        self.inner = HFEngine(model, processor, batch_size=4)
+        self.bad = vision_token_ids(processor)[0]
+        self.name = "inject"
+
+    def generate(self, conversations, params) -> list[list[Generation]]:
+        out = self.inner.generate(conversations, params)
+        g = out[0][0]
+        out[0][0] = Generation(g.text, [self.bad] + g.token_ids, g.logprobs, g.finish_reason)
+        return out
+
+
+def test_responses_with_vision_tokens_are_dropped_and_counted(assets, tmp_path) -> None:
+    train_opd(_cfg(assets, tmp_path / "drop", max_steps=2), make_engine=InjectVisionToken)
+    for m in _metrics(tmp_path / "drop"):
+        assert m["dropped_vision"] == 1 and m["dropped"] == 1 and m["rollouts"] == 4
+        assert m["tokens"] > 0 and m["skipped"] == 0
+
+
+def test_views_that_need_a_box_fail_before_training(assets) -> None:
+    s = read_samples(assets[1])[0].with_(box=None)
+    cfg = _cfg(assets, Path("unused"))
+    with pytest.raises(ValueError, match=f"sample {s.id}: the 'teacher' view needs a 'box'"):
+        check_views([s], cfg)
+    check_views([s.with_(teacher_image=s.image)], cfg)  # an explicit teacher image needs no box
+    with pytest.raises(ValueError, match="'overlay' view"):
+        check_views([s.with_(teacher_image=s.image)], cfg.model_copy(update={"student_view": "overlay"}))
+
+
+def test_several_updates_per_batch_use_truncated_is_weights(assets, tmp_path) -> None:
+    train_opd(_cfg(assets, tmp_path / "is", max_steps=1, updates_per_batch=2, is_clip=2.0, teacher="student"))
+    m = _metrics(tmp_path / "is")[0]
+    assert 0 < m["is_weight"] <= 2.0 and m["is_weight"] != 1.0  # the policy moved after the first update
+    assert m["skipped"] == 0
+    assert not (tmp_path / "is" / "checkpoint-000001" / "teacher").exists()  # the live student is the teacher

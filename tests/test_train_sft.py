@@ -1,0 +1,110 @@
+"""SFT recipe on a tiny real model and a tiny ZoomWorld set: overfitting, checkpoints, exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoomless.models.loading import load_vlm
+from zoomless.models.tiny import build_tiny_vlm
+from zoomless.sample import read_samples, write_samples
+from zoomless.train.common import STATE_FILE, checkpoint_dir
+from zoomless.train.config import SFTConfig
+from zoomless.train.sft import check_views, pick_view, target_ids, target_text, train_sft
+from zoomless.world.generate import generate_split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sft")
+    model = build_tiny_vlm(root / "model", family="qwen2_5_vl", size="test", seed=0)
+    data = generate_split(root / "world", "train", 6, seed=0, size=448, progress=False)
+    return model, data
+
+
+def _cfg(assets, out: Path, **kw) -> SFTConfig:
+    model, data = assets
+    base = dict(
+        model_dir=model, data=data, out_dir=out, lr=3e-3, max_steps=4, batch_size=4, micro_batch_size=2,
+        max_pixels=112 * 112, tensorboard=False, progress=False, seed=0,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_overfits_a_fixed_batch(assets, tmp_path) -> None:
+    model, data = assets
+    few = tmp_path / "four.jsonl"
+    write_samples(read_samples(data)[:4], few)
+    out = tmp_path / "run"
+    final = train_sft(_cfg((model, few), out, max_steps=20, batch_size=4, lr=5e-3, tensorboard=True))
+    losses = [m["loss"] for m in _metrics(out)]
+    assert len(losses) == 20
+    assert losses[-1] < 0.5 * losses[0], losses
+    # the final checkpoint is a standard HF directory holding the trained weights
+    assert final == checkpoint_dir(out, 20) and (final / "config.json").exists() and (final / STATE_FILE).exists()
+    assert any((out / "tb").iterdir())
+    reloaded, processor = load_vlm(final, dtype=torch.float32, device="cpu")
+    base, _ = load_vlm(model, dtype=torch.float32, device="cpu")
+    name, p = next(iter(reloaded.named_parameters()))
+    assert not torch.equal(p, dict(base.named_parameters())[name])
+
+
+def test_resume_continues_exactly(assets, tmp_path) -> None:
+    mix = {"full": 1.0, "overlay": 1.0, "zoom": 1.0}  # view draws must replay too
+    straight = train_sft(_cfg(assets, tmp_path / "a", max_steps=4, save_every=2, view=mix))
+    train_sft(_cfg(assets, tmp_path / "b", max_steps=2, view=mix))
+    resumed = train_sft(_cfg(assets, tmp_path / "b", max_steps=4, save_every=2, view=mix, resume=True))
+    m1, _ = load_vlm(straight, dtype=torch.float32, device="cpu")
+    m2, _ = load_vlm(resumed, dtype=torch.float32, device="cpu")
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    s1 = torch.load(straight / STATE_FILE, weights_only=False)
+    s2 = torch.load(resumed / STATE_FILE, weights_only=False)
+    assert s1["data"] == s2["data"] and s1["step"] == s2["step"] == 4
+
+
+def test_resume_without_checkpoint_fails_clearly(assets, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_sft(_cfg(assets, tmp_path / "empty", resume=True))
+
+
+def test_targets_and_views(assets) -> None:
+    _, data = assets
+    s = read_samples(data)[0]
+    _, processor = load_vlm(assets[0], dtype=torch.float32, device="cpu")
+    assert target_text(s, "mcq") == s.answer_letter
+    assert target_text(s, "open") == s.answer
+    ids = target_ids(processor, s, "open", eos_id=7)
+    assert ids[-1] == 7 and processor.tokenizer.decode(ids[:-1]) == s.answer
+    with pytest.raises(ValueError, match=s.id):
+        target_text(s.with_(answer=None, options=None), "open")
+    assert pick_view("crop", 0, 1, 0) == "crop"
+    draws = {pick_view({"full": 1.0, "zoom": 1.0}, 0, step, 0) for step in range(20)}
+    assert draws == {"full", "zoom"}
+    assert pick_view({"full": 1.0, "zoom": 0.0}, 0, 3, 2) == "full"
+
+
+def test_views_that_need_a_box_fail_before_training(assets) -> None:
+    s = read_samples(assets[1])[0].with_(box=None)
+    check_views([s], "full")
+    check_views([s], {"full": 1.0, "zoom": 0.0})
+    with pytest.raises(ValueError, match=f"sample {s.id}: the 'zoom' view needs a 'box'"):
+        check_views([s], {"full": 1.0, "zoom": 1.0})
