@@ -207,9 +207,19 @@ def demo(
     run_demo(out_dir, n=n, console=console)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """Entry point: user errors (bad files, rows, configs, model folders) end in one red line and exit 2;
+    set ZOOMLESS_DEBUG=1 for the full traceback."""
+    import os
+
+    try:
+        app()
+    except (FileNotFoundError, ValueError) as e:  # SampleError, ImageError, ConfigError are ValueErrors
+        if os.environ.get("ZOOMLESS_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/] {e}")
+        raise SystemExit(2) from None
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     main()

@@ -50,12 +50,13 @@ def run_demo(out_dir: Path, n: int = 36, console: Console | None = None) -> dict
         console.print(f"no shipped ZoomWorld model: a tiny random Qwen2.5-VL at {model_dir} (expect chance level)")
     else:
         console.print(f"shipped ZoomWorld model: {model_dir}")
-    engine = HFEngine.from_dir(model_dir, device="cpu", batch_size=8)
+    engine = HFEngine.from_dir(model_dir, device="cpu", batch_size=8, name=model_dir.name)
 
     console.rule("[bold]3. Dual view: full image vs crop")
     eval_dir = out_dir / "eval-before"
     result = evaluate(
-        samples, engine, views=("full", "crop"), form="mcq", max_pixels=DEMO_PIXELS, out_dir=eval_dir
+        samples, engine, views=("full", "crop"), form="mcq", max_pixels=DEMO_PIXELS, out_dir=eval_dir,
+        benchmark="ZoomWorld test", model=str(model_dir),
     )
     console.print(dual_view_table(result))
     console.print(f"chart: {gap_chart(result, out_dir / 'gap_chart.png')}")

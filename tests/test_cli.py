@@ -1,0 +1,61 @@
+"""The CLI is the interface: run it as a real subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoomless.train import recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def zoomless(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "zoomless.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_every_command_has_help() -> None:
+    for cmd in (["--help"], ["world", "--help"], ["eval", "--help"], ["model", "tiny", "--help"],
+                ["train", "opd", "--help"], ["train", "sft", "--help"], ["serve", "--help"], ["demo", "--help"]):
+        out = zoomless(*cmd)
+        assert out.returncode == 0, (cmd, out.stderr)
+        assert "Usage" in out.stdout
+
+
+def test_world_model_eval_end_to_end(tmp_path: Path) -> None:
+    out = zoomless("world", str(tmp_path / "zw"), "--split", "test", "-n", "6", "--size", "448", "--no-sheet")
+    assert out.returncode == 0, out.stderr
+    out = zoomless("model", "tiny", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr
+    out = zoomless("eval", str(tmp_path / "m"), str(tmp_path / "zw" / "test.jsonl"), "--out", str(tmp_path / "ev"),
+                   "--max-pixels", str(112 * 112), "--device", "cpu", "--no-chart")
+    assert out.returncode == 0, out.stderr
+    assert "gap" in out.stdout
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results["views"]) == {"full", "crop"}
+
+
+def test_bad_input_gets_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "image": "x.png"}\n')  # no question
+    (tmp_path / "m").mkdir()
+    out = zoomless("eval", str(tmp_path / "m"), str(bad), "--out", str(tmp_path / "ev"))
+    assert out.returncode == 2
+    assert "question" in out.stdout and "bad.jsonl:1" in out.stdout
+    out = zoomless("world", str(tmp_path / "zw"), "--dimensions", "colour")
+    assert out.returncode == 2 and "colour" in out.stdout
+    out = zoomless("train", "sft", "--set", "model_dir=x", "--set", "data=y", "--set", "out_dir=z", "--set", "lr=fast")
+    assert out.returncode == 2 and "lr" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    method = path.name.split("-")[0]
+    cfg = recipes.load(method, path)
+    assert cfg.max_steps >= 1
