@@ -96,51 +96,112 @@ def model_info(model_dir: Path = typer.Argument(..., help="A local HF model dire
 
 # ----------------------------------------------------------------------------- eval
 
+def _load_samples(data: Path, benchmark: str | None, seed: int, limit: int | None) -> tuple[list, str]:
+    """Samples from a public benchmark file (format given or guessed) or from our own / the generic form."""
+    from zoomless.eval import benchmarks, generic
+
+    name = benchmark or benchmarks.detect_benchmark(data)
+    if name:
+        return benchmarks.load_benchmark(name, data, seed=seed, limit=limit), name
+    return generic.load_benchmark(data)[:limit], Path(data).name
+
+
+def _engine(model: str, base_url: str | None, api_key: str | None, device: str, batch_size: int):
+    """An OpenAI-compatible endpoint when --base-url is given (MODEL is the served name), else a local directory."""
+    if base_url:
+        from zoomless.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(base_url, model, api_key=api_key, max_concurrency=batch_size)
+    from zoomless.engines.hf import HFEngine
+
+    return HFEngine.from_dir(model, device=device, batch_size=batch_size, name=Path(model).name)
+
+
+_BENCHMARK = typer.Option(
+    None, help="Public benchmark format (zoombench, vstar, hrbench-4k, hrbench-8k, mme-realworld[-cn|-lite], "
+    "mmstar, pope, cvbench, mmvp, visualprobe); guessed from the file when omitted.")
+_DATA = typer.Argument(..., help="A benchmark file or folder, zoomless JSONL/parquet, or the generic JSON form.")
+
+
 @app.command("eval")
 def eval_cmd(
-    model_dir: Path = typer.Argument(..., help="A local HF vision-language model directory."),
-    data: Path = typer.Argument(..., help="A benchmark file or folder, zoomless JSONL/parquet, or the generic JSON form."),
+    model: str = typer.Argument(..., help="A local HF model directory, or the served model name with --base-url."),
+    data: Path = _DATA,
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", help="Where predictions.jsonl, results.json, summary.md go."),
-    benchmark: Optional[str] = typer.Option(
-        None, help="Public benchmark format (zoombench, vstar, hrbench-4k, hrbench-8k, mme-realworld[-cn|-lite], "
-        "mmstar, pope, cvbench, mmvp, visualprobe); guessed from the file when omitted."),
+    benchmark: Optional[str] = _BENCHMARK,
     views: str = typer.Option("full,crop", help="Comma-separated views: full, crop, zoom, overlay."),
     form: str = typer.Option("mcq", help="mcq (options and a letter) or open (a word or phrase)."),
+    tool_loop: bool = typer.Option(False, help="Thinking-with-Images baseline: the model may call a zoom tool."),
+    oracle_box: bool = typer.Option(False, help="Tool loop only: the zoom tool uses the evidence box (for models that cannot ground)."),
+    max_turns: int = typer.Option(4, help="Tool loop only: model calls per sample."),
     max_pixels: Optional[int] = typer.Option(None, help="Pixel budget per image (printed in the report)."),
-    max_new_tokens: int = typer.Option(16, help="Tokens generated per answer."),
-    batch_size: int = typer.Option(8, help="Conversations per generate call."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per answer (default 16, tool loop 512)."),
+    batch_size: int = typer.Option(8, help="Conversations per generate call (concurrency over HTTP)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N samples."),
     seed: int = typer.Option(0, help="Generation seed (and the V* option order)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
+    api_key: Optional[str] = typer.Option(None, envvar="OPENAI_API_KEY", help="Key for --base-url."),
     chart: bool = typer.Option(True, help="Write gap_chart.png."),
 ) -> None:
-    """Single-pass dual-view evaluation: accuracy on the full image and on the crop, and the zooming gap.
-
-    Resumable: run it again with the same --out and finished items are skipped."""
-    from zoomless.engines.hf import HFEngine
-    from zoomless.eval import benchmarks, generic
+    """Single-pass dual-view evaluation (accuracy on the full image and on the crop, the zooming gap), or
+    the Thinking-with-Images tool loop. Resumable: run again with the same --out and finished items are skipped."""
     from zoomless.eval.report import dual_view_table, gap_chart
-    from zoomless.eval.single_pass import evaluate
-    from zoomless.sample import SampleError
 
-    try:
-        name = benchmark or benchmarks.detect_benchmark(data)
-        if name:
-            samples = benchmarks.load_benchmark(name, data, seed=seed, limit=limit)
-        else:
-            samples = generic.load_benchmark(data)[:limit]
-    except SampleError as e:
-        _fail(str(e))
-    engine = HFEngine.from_dir(model_dir, device=device, batch_size=batch_size, name=Path(model_dir).name)
-    result = evaluate(
-        samples, engine, views=_split_csv(views), form=form, max_new_tokens=max_new_tokens,
-        max_pixels=max_pixels, batch_size=batch_size, seed=seed, out_dir=out_dir,
-        benchmark=name or Path(data).name, model=str(model_dir),
-    )
-    console.print(dual_view_table(result))
-    if chart:
-        console.print(f"chart: {gap_chart(result, Path(out_dir) / 'gap_chart.png')}")
+    samples, name = _load_samples(data, benchmark, seed, limit)
+    engine = _engine(model, base_url, api_key, device, batch_size)
+    common = dict(form=form, max_pixels=max_pixels, batch_size=batch_size, seed=seed, out_dir=out_dir,
+                  benchmark=name, model=model)
+    if tool_loop:
+        from zoomless.eval.tool_loop import evaluate_tool_loop, to_markdown
+
+        result = evaluate_tool_loop(samples, engine, max_turns=max_turns, oracle_box=oracle_box,
+                                    max_new_tokens=max_new_tokens or 512, **common)
+        console.print(to_markdown(result))
+    else:
+        from zoomless.eval.single_pass import evaluate
+
+        result = evaluate(samples, engine, views=_split_csv(views), max_new_tokens=max_new_tokens or 16, **common)
+        console.print(dual_view_table(result))
+        if chart:
+            console.print(f"chart: {gap_chart(result, Path(out_dir) / 'gap_chart.png')}")
     console.print(f"results: {Path(out_dir) / 'results.json'}")
+
+
+@app.command()
+def coverage(
+    model_dir: Path = typer.Argument(..., help="A local Qwen2.5-VL or Qwen3-VL model directory."),
+    data: Path = _DATA,
+    out_dir: Path = typer.Option(Path("runs/coverage"), "--out", help="Where coverage.jsonl, results.json and heatmaps go."),
+    benchmark: Optional[str] = _BENCHMARK,
+    layer: Optional[int] = typer.Option(None, help="Decoder layer (0-based); default: --relative-depth."),
+    relative_depth: float = typer.Option(0.5, help="Layer as a fraction of the depth, when --layer is not given."),
+    view: str = typer.Option("full", help="full, overlay, crop or zoom."),
+    max_pixels: Optional[int] = typer.Option(None, help="Pixel budget per image."),
+    heatmaps: int = typer.Option(8, help="How many heatmap PNGs to write."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Attention coverage: the share of the last prompt token's image attention that falls in the evidence box."""
+    from zoomless.eval.coverage import coverage as run_coverage
+    from zoomless.models.loading import load_vlm
+
+    samples, _ = _load_samples(data, benchmark, 0, limit)
+    model, processor = load_vlm(model_dir, device=device)
+    run_coverage(samples, model, processor, layer=layer, relative_depth=relative_depth, view=view,
+                 max_pixels=max_pixels, out_dir=out_dir, heatmaps=heatmaps, model_name=str(model_dir))
+    console.print(f"results: {Path(out_dir) / 'results.json'}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders of eval (single pass or tool loop) and coverage."),
+    out_dir: Path = typer.Option(Path("runs/report"), "--out", help="Where report.md, report.json and charts go."),
+) -> None:
+    """Combine runs into one report: full vs crop per dimension, speed vs accuracy, coverage distribution."""
+    from zoomless.eval.report_runs import build_report
+
+    console.print(f"report: {build_report(run_dirs, out_dir)}")
 
 
 # ----------------------------------------------------------------------------- serve
