@@ -22,7 +22,7 @@ def zoomless(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 def test_every_command_has_help() -> None:
     for cmd in (["--help"], ["world", "--help"], ["eval", "--help"], ["model", "tiny", "--help"],
-                ["train", "opd", "--help"], ["train", "sft", "--help"], ["serve", "--help"], ["demo", "--help"]):
+                ["train", "opd", "--help"], ["train", "sft", "--help"], ["train", "grpo", "--help"], ["coverage", "--help"], ["report", "--help"], ["serve", "--help"], ["demo", "--help"]):
         out = zoomless(*cmd)
         assert out.returncode == 0, (cmd, out.stderr)
         assert "Usage" in out.stdout

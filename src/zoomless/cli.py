@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 model_app = typer.Typer(help="Build and inspect vision-language model directories.", no_args_is_help=True)
-train_app = typer.Typer(help="Train a model: supervised fine-tuning or Vision-OPD self-distillation.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: supervised fine-tuning, Vision-OPD self-distillation, or GRPO.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(train_app, name="train")
 
@@ -253,6 +253,12 @@ def train_sft(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: 
 def train_opd(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
     """Vision-OPD: the model on the crop teaches itself on the full image (top-k JSD, EMA teacher)."""
     _train("opd", config, set_, resume)
+
+
+@train_app.command("grpo")
+def train_grpo(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
+    """R2I reinforcement learning: GRPO with clip-higher and rule / judge rewards; `objective: hybrid` adds Vision-OPD."""
+    _train("grpo", config, set_, resume)
 
 
 # ----------------------------------------------------------------------------- demo

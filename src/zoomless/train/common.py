@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from torch import nn
 
 from zoomless.engines.base import Conversation, Engine, Generation, SamplingParams
 from zoomless.sample import Sample, read_samples
+from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, build_batch, lm_head, response_hidden
+from zoomless.train.losses import chunked_logprobs
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -141,13 +143,17 @@ class DataIterator:
         return torch.randperm(self.n_items, generator=g).tolist()
 
     def next_batch(self) -> list[int]:
+        return self.take(self.batch_size)
+
+    def take(self, n: int) -> list[int]:
+        """The next `n` indices of the order (more than a batch replace bad samples, `train/screening.py`)."""
         batch: list[int] = []
         order = self._order(self.epoch)
-        while len(batch) < self.batch_size:
+        while len(batch) < n:
             if self.position == self.n_items:
                 self.epoch, self.position = self.epoch + 1, 0
                 order = self._order(self.epoch)
-            take = min(self.batch_size - len(batch), self.n_items - self.position)
+            take = min(n - len(batch), self.n_items - self.position)
             batch.extend(order[self.position : self.position + take])
             self.position += take
         return batch
@@ -395,6 +401,51 @@ def rollout(
     return filter_generations(generations, banned_ids)
 
 
+def sampling_params(cfg: Any, step: int) -> SamplingParams:
+    """The rollout sampling of one step (`cfg` has n, temperature, top_p, max_new_tokens, seed).
+    The seed is a pure function of the step, so a resumed run samples what the straight run did."""
+    return SamplingParams(
+        n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed * 1_000_003 + step,
+    )
+
+
+def rollout_counts(rb: RolloutBatch) -> dict[str, float]:
+    return {"dropped": float(rb.dropped), "dropped_vision": float(rb.dropped_vision), "rollouts": float(rb.total)}
+
+
+def response_stats(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Token count, mean and max response length, and the share cut at max_new_tokens."""
+    lengths = [len(r.token_ids) for r in rollouts]
+    return {
+        "tokens": float(sum(lengths)),
+        "response_len": sum(lengths) / len(lengths),
+        "response_len_max": float(max(lengths)),
+        "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(lengths),
+    }
+
+
+def rollout_batch(run: "Run", prompts: Sequence[PromptEncoding], rollouts: Sequence[Rollout]) -> TeacherForcingBatch:
+    """Teacher forcing of rollouts under per-conversation prompts (`prompts[r.prompt_index]`), on the run's device."""
+    batch = build_batch([prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts], pad_id(run.processor))
+    return batch.to(run.device)
+
+
+@torch.no_grad()
+def sampled_logprobs(
+    model: nn.Module,
+    batch: TeacherForcingBatch,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Log-probs of the response tokens under `model` ([N], no grad): the "old" policy of a
+    several-update step, or a reference model."""
+    with autocast_ctx():
+        h = response_hidden(model, batch)
+        return chunked_logprobs(h, lm_head(model), batch.targets, temperature, chunk_size)
+
+
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -454,11 +505,12 @@ def start_run(cfg: Any) -> Run:
     """Seed, read the data, load the policy (from the last checkpoint when `cfg.resume`), build the
     optimizer and scheduler, and restore their state when resuming. `cfg` is a `TrainConfig`."""
     from zoomless.models.loading import load_vlm
+    from zoomless.train.screening import make_data, read_training_samples
 
     device = pick_device(cfg.device)
     dtype = compute_dtype(cfg.dtype, device)
     seed_everything(cfg.seed)
-    samples = load_training_samples(cfg.data)
+    samples, sources = read_training_samples(cfg.data)
     load_dir, ckpt = resolve_start(cfg.model_dir, cfg.out_dir, cfg.resume)
     model, processor = load_vlm(load_dir, dtype=torch.float32, device=device)
     if cfg.gradient_checkpointing:
@@ -467,7 +519,7 @@ def start_run(cfg: Any) -> Run:
     model.train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = warmup_constant_schedule(optimizer, cfg.warmup_steps)
-    data = DataIterator(len(samples), cfg.batch_size, cfg.seed)
+    data = make_data(cfg, samples, sources, resume=ckpt is not None)  # the order, minus bad samples
     start_step, extra = 0, {}
     if ckpt is not None:
         state = load_trainer_state(ckpt, optimizer, scheduler, data)
@@ -480,3 +532,40 @@ def start_run(cfg: Any) -> Run:
 
 def should_save(step: int, max_steps: int, save_every: int) -> bool:
     return step == max_steps or (save_every > 0 and step % save_every == 0)
+
+
+StepFn = Callable[[int, Timer], dict[str, float]]
+
+
+def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_models: dict[str, nn.Module] | None = None) -> Path:
+    """The loop every recipe shares: `step_fn(step, timer)` from the start step to max_steps, with
+    metrics (plus seconds per phase) logged every `log_every` steps and checkpoints every
+    `save_every` and at the end. Returns the final checkpoint directory."""
+    logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=show)
+    final = None
+    try:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            timer = Timer()
+            metrics = step_fn(step, timer)
+            metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
+            screen = getattr(run.data, "screen", None)
+            if screen is not None:  # samples skipped so far (on_bad_sample: skip)
+                metrics["bad_samples"] = float(len(screen.bad))
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logger.log(step, metrics)
+            else:
+                logger.advance(step)
+            if should_save(step, cfg.max_steps, cfg.save_every):
+                final = save_checkpoint(
+                    cfg.out_dir, step, run.model, run.processor, run.optimizer, run.scheduler, run.data, extra_models
+                )
+    finally:
+        logger.close()
+    return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run
+
+
+def hf_engine(model: nn.Module, processor: Any, batch_size: int) -> Engine:
+    """The default rollout engine: the in-process HF engine around the live policy."""
+    from zoomless.engines.hf import HFEngine
+
+    return HFEngine(model, processor, batch_size=batch_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Form = Literal["mcq", "open"]
 SFT_VIEWS = ("full", "crop", "zoom", "overlay")
@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
     resume: bool = False  # continue from the last checkpoint in out_dir
     tensorboard: bool = True
     progress: bool = True  # rich progress bar
+    # a sample that cannot be shown (no box for a view that needs one, an unreadable image): stop the
+    # run with one line naming it, or skip it (listed in out_dir/bad_samples.jsonl, metric bad_samples)
+    on_bad_sample: Literal["stop", "skip"] = "stop"
 
     @field_validator("data", mode="before")
     @classmethod
@@ -72,6 +75,9 @@ class SFTConfig(TrainConfig):
 
     # one view, or a weighted mix such as {"full": 0.5, "overlay": 0.5} drawn per sample
     view: str | dict[str, float] = "full"
+    # processes that render and encode each batch's views (the per-sample CPU work that dominates a
+    # small model's step on a GPU); 0 does it in the training process. Results are identical.
+    data_workers: int = Field(0, ge=0)
 
     @field_validator("view")
     @classmethod
@@ -103,6 +109,62 @@ class OPDConfig(TrainConfig):
     is_clip: float | None = Field(None, gt=0)  # truncated IS weights; only matter with updates_per_batch > 1
     updates_per_batch: int = Field(1, ge=1)  # optimizer steps per rollout batch; reference 1
     rollout_batch_size: int = Field(8, ge=1)  # sequences per generate batch
+
+
+class JudgeConfig(BaseModel):
+    """An LLM judge for answers the rules cannot decide: an OpenAI-compatible endpoint (`base_url`
+    set, `model` is the served name) or a local HF model directory (`base_url` unset, `model` is the
+    directory). The API key is read from the environment variable named by `api_key_env`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None  # never the key itself: configs get copied into run folders
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)  # greedy verdicts are reproducible
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    on_malformed: Literal["wrong", "skip"] = "wrong"  # a verdict that is not a clear Yes/No, or a failed call
+    device: str = "auto"  # local judges only
+
+
+# Fields GRPOConfig inherits from OPDConfig that only the hybrid objective reads.
+OPD_ONLY_FIELDS = ("topk", "alpha", "teacher", "ema_rate", "teacher_view", "is_clip")
+
+
+class GRPOConfig(OPDConfig):
+    """GRPO (DAPO clip-higher), and the hybrid `objective: hybrid`: the Vision-OPD loss plus
+    grpo_weight x the GRPO loss, sharing one rollout batch (reference values in comments, from the
+    ZwZ R2I run). The distillation fields (topk, alpha, teacher, ...) are OPDConfig's and are only
+    read by the hybrid."""
+
+    lr: float = Field(1e-6, gt=0)  # reference 1e-6, constant, no warmup
+    warmup_steps: int = Field(0, ge=0)
+    n: int = Field(8, ge=1)  # rollouts per prompt; reference 8, T 1.0, top_p 1.0
+
+    objective: Literal["grpo", "hybrid"] = "grpo"
+    grpo_weight: float = Field(1.0, ge=0)  # lambda: hybrid loss = OPD loss + lambda * GRPO loss
+    normalize_std: bool = True  # reference (r - mean) / (std + 1e-6); False: r - mean only
+    clip_low: float = Field(0.2, ge=0, lt=1)  # reference 0.2
+    clip_high: float = Field(0.3, ge=0)  # reference 0.3 (clip-higher)
+    dual_clip: float | None = Field(None, gt=1)  # reference 3.0 (acts only off-policy)
+    kl_coef: float = Field(0.0, ge=0)  # reference: KL disabled; > 0 adds k3 KL to the frozen start model
+    mini_batches: int = Field(1, ge=1)  # optimizer steps per pass over the rollout batch; reference 4
+    # updates_per_batch (from OPDConfig) is the number of passes (PPO epochs); reference 1
+
+    format_weight: float = Field(0.0, ge=0, le=1)  # reward = (1 - w) accuracy + w format; reference 0
+    max_answer_chars: int | None = Field(300, ge=1)  # an answer this long scores accuracy 0; reference 300
+    judge: JudgeConfig | None = None  # None: rules only (an undecidable answer is wrong)
+
+    @model_validator(mode="after")
+    def _hybrid_fields_only_for_hybrid(self) -> "GRPOConfig":
+        if self.objective == "grpo":
+            stray = [f for f in OPD_ONLY_FIELDS if f in self.model_fields_set]
+            if stray:
+                raise ValueError(f"{stray[0]} is only read with objective: hybrid")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

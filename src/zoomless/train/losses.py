@@ -24,6 +24,11 @@ from torch.utils.checkpoint import checkpoint
 _LOG_FLOOR = -1e4
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """fp32 for bf16/fp16/fp32 input; float64 stays float64, so the losses can be gradchecked."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ----------------------------------------------------------------------------- top-k + tail JSD
 
 
@@ -33,8 +38,8 @@ def topk_ids(student_logits: Tensor, k: int) -> Tensor:
 
 
 def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probs at `ids` ([N, k] or [N]) with the full-vocabulary normaliser, in fp32."""
-    z = logits.float() / temperature
+    """Log-probs at `ids` ([N, k] or [N]) with the full-vocabulary normaliser, in fp32 (or float64)."""
+    z = at_least_fp32(logits) / temperature
     squeeze = ids.dim() == z.dim() - 1
     idx = ids.unsqueeze(-1) if squeeze else ids
     out = z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)
@@ -56,7 +61,8 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def generalized_jsd(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
-    """Generalized JSD between student and teacher distributions given as log-probs: [N, B] -> [N] fp32.
+    """Generalized JSD between student and teacher distributions given as log-probs: [N, B] -> [N] fp32
+    (float64 when an input is float64).
 
     alpha = 0 is KL(T || S), alpha = 1 is KL(S || T); in between it is
     (1 - alpha) KL(S || M) + alpha KL(T || M) with M = (1 - alpha) S + alpha T (built in log space).
@@ -65,6 +71,7 @@ def generalized_jsd(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     # The sum cancels to ~1e-8 of rounding noise in fp32 when S ~ T; these are only [N, k+1]
     # numbers, so float64 is cheap, and it keeps small divergences (and their sign) exact.
+    wide = torch.float64 in (log_s.dtype, log_t.dtype)  # float64 in, float64 out
     log_s = log_s.double().clamp(min=_LOG_FLOOR)
     log_t = log_t.double().clamp(min=_LOG_FLOOR)
     if alpha == 0.0:
@@ -74,7 +81,7 @@ def generalized_jsd(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
     else:
         log_m = torch.logaddexp(log_s + math.log(1.0 - alpha), log_t + math.log(alpha))
         out = (1.0 - alpha) * _kl(log_s, log_m) + alpha * _kl(log_t, log_m)
-    return out.float()
+    return out if wide else out.float()
 
 
 def topk_generalized_jsd(
@@ -91,7 +98,7 @@ def topk_generalized_jsd(
     detached: gradients flow only through the student.
     """
     s = add_tail(gather_logprobs(student_logits, ids, temperature))
-    t = add_tail(teacher_topk_logprobs.detach().float())
+    t = add_tail(at_least_fp32(teacher_topk_logprobs.detach()))
     return generalized_jsd(s, t, alpha)
 
 
@@ -119,6 +126,95 @@ def truncated_is_weights(logp_new: Tensor, logp_old: Tensor, clip: float) -> Ten
     return (logp_new.detach() - logp_old.detach()).clamp(-20.0, 20.0).exp().clamp(max=clip)
 
 
+# ----------------------------------------------------------------------------- GRPO
+
+
+def grpo_advantages(
+    rewards: Tensor, normalize_std: bool = True, mask: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
+    """Group-relative advantages: [G groups, n rollouts] -> [G, n] fp32.
+
+    A = (r - group mean) / (group std + eps), the std unbiased (as the GRPO reference), or only
+    r - mean with `normalize_std=False`. `mask` [G, n] (bool) marks the rollouts that exist: the
+    others (dropped, or skipped by the reward) take no part in their group's statistics and get
+    advantage 0. A group whose rewards are all equal, or that has one member, gets 0 everywhere.
+    """
+    r = rewards.float()
+    m = torch.ones_like(r, dtype=torch.bool) if mask is None else mask.bool()
+    w = m.float()
+    count = w.sum(-1, keepdim=True)
+    mean = (r * w).sum(-1, keepdim=True) / count.clamp(min=1.0)
+    centred = (r - mean) * w
+    if normalize_std:
+        var = (centred**2).sum(-1, keepdim=True) / (count - 1.0).clamp(min=1.0)
+        centred = centred / (var.sqrt() + eps)
+    return centred * w
+
+
+def ppo_clip_loss(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    dual_clip: float | None = None,
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped policy loss with clip-higher and optional dual clip, token-mean aggregated.
+
+    Per token, with r = exp(logp_new - logp_old):
+        loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+    and with `dual_clip` = c > 1, for A < 0 the loss is further capped at -A c, so one token whose
+    ratio exploded cannot dominate the step. All tensors have one shape ([N] flat tokens or
+    [B, L] padded); `mask` marks valid tokens. The loss is sum(loss * mask) / denominator (default:
+    the number of valid tokens; pass the step's token count to backprop micro-batches separately).
+
+    Returned stats are means over the valid tokens of this call: `clip_high` (A > 0 and r above
+    1 + clip_high: no gradient), `clip_low` (A < 0 and r below 1 - clip_low: no gradient), `dual_clip`
+    (A < 0 and the cap active), `ratio`, and `approx_kl` (mean of logp_old - logp_new).
+    """
+    if not (0.0 <= clip_low < 1.0 and clip_high >= 0.0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low} and {clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    adv = advantages.detach().float()
+    log_ratio = (logp_new.float() - logp_old.detach().float()).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual = (adv < 0) & (cap < loss)
+        loss = torch.where(dual, cap, loss)
+    total = masked_token_mean(loss, mask, denominator)
+
+    with torch.no_grad():
+        valid = mask.bool()
+        n = max(int(valid.sum()), 1)
+
+        def frac(flags: Tensor) -> float:
+            return float((flags & valid).sum()) / n
+
+        stats = {
+            "clip_high": frac((adv > 0) & (ratio > 1.0 + clip_high)),
+            "clip_low": frac((adv < 0) & (ratio < 1.0 - clip_low)),
+            "dual_clip": frac(dual),
+            "ratio": float((ratio * valid).sum()) / n,
+            "approx_kl": float((-log_ratio * valid).sum()) / n,
+        }
+    return total, stats
+
+
+def k3_kl(logp: Tensor, logp_ref: Tensor, max_value: float = 10.0) -> Tensor:
+    """Per-token k3 estimate of KL(policy || reference) from the sampled tokens' log-probs:
+    exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased, low variance; capped at `max_value`."""
+    d = (logp_ref.detach().float() - logp.float()).clamp(-20.0, 20.0)
+    return (d.exp() - d - 1.0).clamp(max=max_value)
+
+
 # ----------------------------------------------------------------------------- chunked LM head
 
 
@@ -137,7 +233,7 @@ def chunked_map(
     """
 
     def run(h: Tensor, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
-        return fn(head(h).float(), *args)
+        return fn(at_least_fp32(head(h)), *args)
 
     outs = []
     for i in range(0, hidden.shape[0], chunk_size):

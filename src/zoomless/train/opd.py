@@ -21,41 +21,30 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from zoomless.engines.base import Engine, SamplingParams
+from zoomless.engines.base import Engine
 from zoomless.sample import Sample
-from zoomless.train.batching import (
-    PromptEncoding,
-    TeacherForcingBatch,
-    build_batch,
-    encode_prompt,
-    lm_head,
-    response_hidden,
-)
+from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, encode_prompt, lm_head, response_hidden
 from zoomless.train.common import (
-    MetricsLogger,
     Rollout,
     Run,
     Timer,
-    checkpoint_dir,
     chunks,
     clip_and_step,
-    pad_id,
+    hf_engine,
+    response_stats,
     rollout,
-    save_checkpoint,
-    should_save,
+    rollout_batch,
+    rollout_counts,
+    sampled_logprobs,
+    sampling_params,
     start_run,
+    train_loop,
     view_conversation,
 )
 from zoomless.train.config import OPDConfig
 from zoomless.train.ema import ema_update_, make_teacher
-from zoomless.train.losses import (
-    chunked_logprobs,
-    chunked_map,
-    gather_logprobs,
-    topk_generalized_jsd,
-    topk_ids,
-    truncated_is_weights,
-)
+from zoomless.train.losses import chunked_map, gather_logprobs, topk_generalized_jsd, topk_ids, truncated_is_weights
+from zoomless.train.screening import screen_samples
 
 EngineFactory = Callable[[nn.Module, Any], Engine]
 
@@ -72,12 +61,6 @@ def check_views(samples: list[Sample], cfg: OPDConfig) -> None:
         else:
             continue
         raise ValueError(f"sample {s.id}: the {view!r} view needs a 'box' (or a 'teacher_image') and it has none")
-
-
-def _hf_engine(model: nn.Module, processor: Any, batch_size: int) -> Engine:
-    from zoomless.engines.hf import HFEngine
-
-    return HFEngine(model, processor, batch_size=batch_size)
 
 
 @dataclass
@@ -135,10 +118,8 @@ def distill_micro_batch(
     old_logp: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Distill one micro-batch and backprop sum(weighted JSD) / denominator; return the sums to log."""
-    responses = [r.token_ids for r in rollouts]
-    pad = pad_id(run.processor)
-    sb = build_batch([student_prompts[r.prompt_index] for r in rollouts], responses, pad).to(run.device)
-    tb = build_batch([teacher_prompts[r.prompt_index] for r in rollouts], responses, pad).to(run.device)
+    sb = rollout_batch(run, student_prompts, rollouts)
+    tb = rollout_batch(run, teacher_prompts, rollouts)
     out = distill_tokens(
         run.model, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
         chunk_size=cfg.logits_chunk_size, autocast_ctx=run.autocast, timer=timer,
@@ -156,32 +137,47 @@ def distill_micro_batch(
     }
 
 
-@torch.no_grad()
 def student_logprobs(cfg: OPDConfig, run: Run, prompts: list[PromptEncoding], rollouts: list[Rollout]) -> torch.Tensor:
     """Sampled-token log-probs under the current student (the "old" policy for IS weights)."""
-    b = build_batch([prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts], pad_id(run.processor))
-    b = b.to(run.device)
-    with run.autocast():
-        h = response_hidden(run.model, b)
-        return chunked_logprobs(h, lm_head(run.model), b.targets, cfg.temperature, cfg.logits_chunk_size)
+    b = rollout_batch(run, prompts, rollouts)
+    return sampled_logprobs(run.model, b, cfg.temperature, cfg.logits_chunk_size, run.autocast)
+
+
+def view_kwargs(cfg: OPDConfig) -> dict[str, Any]:
+    return dict(form=cfg.form, max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
+
+
+def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The distillation teacher (restored from the checkpoint when resuming) and the extra models
+    a checkpoint must hold for it (none when the live student is the teacher)."""
+    from zoomless.models.loading import load_vlm
+
+    init = None
+    if run.resumed_from is not None and cfg.teacher != "student":
+        init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=run.device)
+    teacher = make_teacher(run.model, cfg.teacher, init=init)
+    return teacher, ({"teacher": teacher} if teacher is not run.model else {})
+
+
+def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float, bool]:
+    """Clip and apply the accumulated gradients; then the EMA teacher moves towards the student."""
+    norm, applied = clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
+    if applied and cfg.teacher == "ema":
+        ema_update_(teacher, run.model, cfg.ema_rate)
+    return norm, applied
 
 
 def opd_step(
     cfg: OPDConfig, run: Run, teacher: nn.Module, engine: Engine, banned_ids: list[int], step: int, timer: Timer
 ) -> dict[str, float]:
     batch = [run.samples[i] for i in run.data.next_batch()]
-    view = dict(form=cfg.form, max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
+    view = view_kwargs(cfg)
     with timer("prompts"):
         student_convs = [view_conversation(s, cfg.student_view, **view) for s in batch]
     with timer("rollout"):
-        params = SamplingParams(
-            n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed * 1_000_003 + step,  # a pure function of the step: resumed runs sample the same
-        )
+        params = sampling_params(cfg, step)
         rb = rollout(engine, student_convs, params, banned_ids, model=run.model, autocast_ctx=run.autocast())
-    metrics: dict[str, float] = {
-        "dropped": float(rb.dropped), "dropped_vision": float(rb.dropped_vision), "rollouts": float(rb.total),
-    }
+    metrics: dict[str, float] = rollout_counts(rb)
     if not rb.rollouts:  # nothing to distill: no update, the teacher stays as it is
         metrics.update(tokens=0.0, skipped=1.0)
         return metrics
@@ -190,8 +186,7 @@ def opd_step(
         teacher_prompts = [
             encode_prompt(run.processor, view_conversation(s, cfg.teacher_view, **view)) for s in batch
         ]
-    lengths = [len(r.token_ids) for r in rb.rollouts]
-    total = float(sum(lengths))
+    total = float(sum(len(r.token_ids) for r in rb.rollouts))
     micro = [list(mb) for mb in chunks(rb.rollouts, cfg.micro_batch_size)]
     old = None
     if cfg.is_clip is not None and cfg.updates_per_batch > 1:
@@ -209,9 +204,7 @@ def opd_step(
         if update == 0:
             metrics["lr"] = run.optimizer.param_groups[0]["lr"]
         with timer("step"):
-            norm, applied = clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
-            if applied and cfg.teacher == "ema":
-                ema_update_(teacher, run.model, cfg.ema_rate)
+            norm, applied = optimizer_step(cfg, run, teacher)
         sums.append(totals)
         norms.append(norm)
         skipped += not applied
@@ -220,14 +213,8 @@ def opd_step(
     metrics["agreement"] = sums[0]["agree_sum"] / total
     if old is not None:
         metrics["is_weight"] = sums[-1]["is_weight_sum"] / total
-    metrics.update(
-        tokens=total,
-        response_len=total / len(lengths),
-        response_len_max=float(max(lengths)),
-        truncated=sum(r.finish_reason == "length" for r in rb.rollouts) / len(lengths),
-        grad_norm=sum(norms) / len(norms),
-        skipped=float(skipped),
-    )
+    metrics.update(response_stats(rb.rollouts))
+    metrics.update(grad_norm=sum(norms) / len(norms), skipped=float(skipped))
     return metrics
 
 
@@ -238,35 +225,20 @@ def train_opd(cfg: OPDConfig, make_engine: EngineFactory | None = None) -> Path:
     `make_engine(model, processor)` builds the rollout engine around the live student (default: the
     in-process HF engine); it must sample from the current weights at every step.
     """
-    from zoomless.models.loading import load_vlm, vision_token_ids
+    from zoomless.models.loading import vision_token_ids
 
     run = start_run(cfg)
-    check_views(run.samples, cfg)
-    init = None
-    if run.resumed_from is not None and cfg.teacher != "student":
-        init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=run.device)
-    teacher = make_teacher(run.model, cfg.teacher, init=init)
-    del init
-    engine = (make_engine or (lambda m, p: _hf_engine(m, p, cfg.rollout_batch_size)))(run.model, run.processor)
+    view = view_kwargs(cfg)
+    screen_samples(  # bad samples stop the run or are skipped (cfg.on_bad_sample), before any work
+        run, check=lambda s: check_views([s], cfg),
+        probe=lambda s: [view_conversation(s, v, **view) for v in (cfg.student_view, cfg.teacher_view)],
+    )
+    teacher, extra_models = setup_teacher(cfg, run)
+    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size)))(run.model, run.processor)
     run.model.train()  # engines may switch the model to eval mode; `rollout` does so only while sampling
     banned = vision_token_ids(run.processor)
-    extra_models = {"teacher": teacher} if teacher is not run.model else {}
 
-    logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=("jsd", "agreement"))
-    final = None
-    try:
-        for step in range(run.start_step + 1, cfg.max_steps + 1):
-            timer = Timer()
-            metrics = opd_step(cfg, run, teacher, engine, banned, step, timer)
-            metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logger.log(step, metrics)
-            else:
-                logger.advance(step)
-            if should_save(step, cfg.max_steps, cfg.save_every):
-                final = save_checkpoint(
-                    cfg.out_dir, step, run.model, run.processor, run.optimizer, run.scheduler, run.data, extra_models
-                )
-    finally:
-        logger.close()
-    return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)
+    def step_fn(step: int, timer: Timer) -> dict[str, float]:
+        return opd_step(cfg, run, teacher, engine, banned, step, timer)
+
+    return train_loop(cfg, run, step_fn, show=("jsd", "agreement"), extra_models=extra_models)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from zoomless.train.config import ConfigError, OPDConfig, SFTConfig, TrainConfig, load_config, parse_overrides
+from zoomless.train.config import (
+    ConfigError,
+    GRPOConfig,
+    OPDConfig,
+    SFTConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+)
 
 
 def _sft(cfg: Any) -> Path:
@@ -20,9 +28,16 @@ def _opd(cfg: Any) -> Path:
     return train_opd(cfg)
 
 
+def _grpo(cfg: Any) -> Path:
+    from zoomless.train.grpo import train_grpo
+
+    return train_grpo(cfg)
+
+
 RECIPES: dict[str, tuple[type[TrainConfig], Callable[[Any], Path]]] = {
     "sft": (SFTConfig, _sft),
     "opd": (OPDConfig, _opd),
+    "grpo": (GRPOConfig, _grpo),
 }
 
 
