@@ -108,3 +108,14 @@ def test_views_that_need_a_box_fail_before_training(assets) -> None:
     check_views([s], {"full": 1.0, "zoom": 0.0})
     with pytest.raises(ValueError, match=f"sample {s.id}: the 'zoom' view needs a 'box'"):
         check_views([s], {"full": 1.0, "zoom": 1.0})
+
+
+def test_data_workers_give_the_same_run(assets, tmp_path) -> None:
+    mix = {"full": 1.0, "crop": 1.0}
+    one = train_sft(_cfg(assets, tmp_path / "inline", max_steps=2, view=mix))
+    pooled = train_sft(_cfg(assets, tmp_path / "pooled", max_steps=2, view=mix, data_workers=2))
+    assert [r["loss"] for r in _metrics(tmp_path / "inline")] == [r["loss"] for r in _metrics(tmp_path / "pooled")]
+    m1, _ = load_vlm(one, dtype=torch.float32, device="cpu")
+    m2, _ = load_vlm(pooled, dtype=torch.float32, device="cpu")
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p1, p2), n1

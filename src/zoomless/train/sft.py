@@ -8,11 +8,16 @@ weighted mix; the draw depends only on (seed, step, index), so a resumed run dra
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.multiprocessing as tmp
 
 from zoomless.prompts import gold_letter, sample_form
 from zoomless.sample import Sample
-from zoomless.train.batching import build_batch, encode_prompt, lm_head, response_hidden
+from zoomless.train.batching import PromptEncoding, build_batch, encode_prompt, lm_head, response_hidden
 from zoomless.train.common import (
     MetricsLogger,
     Run,
@@ -29,6 +34,7 @@ from zoomless.train.common import (
 )
 from zoomless.train.config import SFTConfig
 from zoomless.train.losses import chunked_logprobs
+from zoomless.train.screening import screen_samples
 
 
 def pick_view(view: str | dict[str, float], seed: int, step: int, index: int) -> str:
@@ -62,17 +68,56 @@ def check_views(samples: list[Sample], view: str | dict[str, float]) -> None:
             raise ValueError(f"sample {s.id}: the {needs_box[0]!r} view needs a 'box' and it has none")
 
 
-def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer) -> dict[str, float]:
+def encode_example(processor, cfg: SFTConfig, sample: Sample, view: str, eos: int) -> tuple[PromptEncoding, list[int]]:
+    """The prompt of one view of a sample and its target ids: all the per-sample CPU work of a step."""
+    conv = view_conversation(sample, view, cfg.form, max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
+    return encode_prompt(processor, conv), target_ids(processor, sample, cfg.form, eos)
+
+
+# What forked data workers read: set in the parent just before the pool forks (nothing is pickled).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # many one-thread workers, not many workers each spawning all cores
+    # Hand tensors back by shared-memory file name: the default passes one file descriptor per
+    # tensor over a socket, which cost more than encoding a crop (measured on a 16-core GPU host).
+    tmp.set_sharing_strategy("file_system")
+
+
+def _encode_in_worker(job: tuple[Sample, str]) -> tuple[PromptEncoding, list[int]]:
+    return encode_example(_WORKER["processor"], _WORKER["cfg"], job[0], job[1], _WORKER["eos"])
+
+
+@contextmanager
+def data_pool(cfg: SFTConfig, run: Run) -> Iterator[Any]:
+    """A pool of `cfg.data_workers` forked processes (None for 0). Tensors come back through shared
+    memory (torch.multiprocessing), so a full-view batch is not copied through a pipe."""
+    if cfg.data_workers == 0:
+        yield None
+        return
+    _WORKER.update(processor=run.processor, cfg=cfg, eos=end_of_turn_id(run.model, run.processor))
+    pool = tmp.get_context("fork").Pool(cfg.data_workers, initializer=_worker_init)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+        _WORKER.clear()
+
+
+def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer, pool: Any = None) -> dict[str, float]:
     """One optimizer step on `batch_size` samples: a global token mean of the answer cross-entropy."""
     eos = end_of_turn_id(run.model, run.processor)
     batch = [run.samples[i] for i in run.data.next_batch()]
     with timer("data"):
-        prompts, responses = [], []
-        for i, s in enumerate(batch):
-            view = pick_view(cfg.view, cfg.seed, step, i)
-            conv = view_conversation(s, view, cfg.form, max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
-            prompts.append(encode_prompt(run.processor, conv))
-            responses.append(target_ids(run.processor, s, cfg.form, eos))
+        jobs = [(s, pick_view(cfg.view, cfg.seed, step, i)) for i, s in enumerate(batch)]
+        if pool is None:
+            encoded = [encode_example(run.processor, cfg, s, view, eos) for s, view in jobs]
+        else:
+            encoded = pool.map(_encode_in_worker, jobs, chunksize=max(1, len(jobs) // (4 * cfg.data_workers)))
+        prompts = [p for p, _ in encoded]
+        responses = [r for _, r in encoded]
     total_tokens = sum(len(r) for r in responses)
     head = lm_head(run.model)
     loss_sum = 0.0
@@ -94,7 +139,12 @@ def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer) -> dict[str, flo
 def train_sft(cfg: SFTConfig) -> Path:
     """Run supervised fine-tuning; return the final checkpoint directory (a standard HF model dir)."""
     run = start_run(cfg)
-    check_views(run.samples, cfg.view)
+    views = [cfg.view] if isinstance(cfg.view, str) else [v for v, w in cfg.view.items() if w > 0]
+    view = dict(max_pixels=cfg.max_pixels, crop_margin=cfg.crop_margin, zoom=cfg.zoom)
+    screen_samples(  # bad samples stop the run or are skipped (cfg.on_bad_sample), before any work
+        run, check=lambda s: (check_views([s], cfg.view), target_text(s, cfg.form)),
+        probe=lambda s: [view_conversation(s, v, cfg.form, **view) for v in views],
+    )
     logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=("loss",))
     final = None
     try:
@@ -102,6 +152,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             timer = Timer()
             metrics = sft_step(cfg, run, step, timer)
             metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
+            metrics["bad_samples"] = float(len(run.data.screen.bad))  # skipped so far (on_bad_sample: skip)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 logger.log(step, metrics)
             else:
