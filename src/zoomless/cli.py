@@ -204,6 +204,34 @@ def report(
     console.print(f"report: {build_report(run_dirs, out_dir)}")
 
 
+# ----------------------------------------------------------------------------- synth
+
+@app.command()
+def synth(
+    config: Path = typer.Argument(..., help="YAML config: images, out_dir, endpoint(s) per role, stage settings."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: --set consensus.min_votes=5."),
+    shard: Optional[str] = typer.Option(None, help="i/n: process only shard i of n (merge with a final run without it)."),
+) -> None:
+    """R2I data synthesis: teachers write and answer questions on micro-crops; consensus-verified answers go
+    back onto the full image (red box, pointing sentence, multiple choice, difficulty filter).
+
+    Resumable: rerun after any crash and only missing model calls are made. Writes funnel.md/json,
+    samples.parquet (our trainers), easyr1.parquet (EasyR1/verl) and vision_opd.parquet."""
+    from zoomless.synth import SynthError, load_synth_config, parse_overrides, run_synth
+    from zoomless.synth.runner import output_suffix
+
+    overrides = parse_overrides(set_)
+    if shard is not None:
+        overrides["shard"] = shard
+    cfg = load_synth_config(config, overrides)
+    try:
+        out = run_synth(cfg)
+    except SynthError as e:
+        _fail(str(e))
+    console.print((out / f"funnel{output_suffix(cfg)}.md").read_text())
+    console.print(f"output: {out}")
+
+
 # ----------------------------------------------------------------------------- serve
 
 @app.command()
