@@ -80,9 +80,6 @@ _WORKER: dict[str, Any] = {}
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # many one-thread workers, not many workers each spawning all cores
-    # Hand tensors back by shared-memory file name: the default passes one file descriptor per
-    # tensor over a socket, which cost more than encoding a crop (measured on a 16-core GPU host).
-    tmp.set_sharing_strategy("file_system")
 
 
 def _encode_in_worker(job: tuple[Sample, str]) -> tuple[PromptEncoding, list[int]]:
