@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from test_synth_oracle import Oracle, funnel, make_world, oracle_server, stage, synth_config
+from test_synth_oracle import Oracle, funnel, make_world, oracle_server, synth_config
 from zoomless.sample import read_samples
 from zoomless.synth.runner import run_synth
 
@@ -71,8 +71,9 @@ def test_sigkill_mid_stage_then_rerun_equals_an_uninterrupted_run(tmp_path, worl
         clean = outputs(run_synth(synth_config(tmp_path / "clean", root / "images", url, **few)))
 
         oracle.delay = 0.01  # slow enough to be killed inside a stage
-        cfg = synth_config(tmp_path / "killed", root / "images", url, chunk_size=2,
-                           **{"endpoint.max_concurrency": 2}, **few)
+        # writes killed/synth.yaml, which the runner subprocess reads
+        synth_config(tmp_path / "killed", root / "images", url, chunk_size=2,
+                     **{"endpoint.max_concurrency": 2}, **few)
         cfg_path = tmp_path / "killed" / "synth.yaml"
         out = tmp_path / "killed" / "out"
         validation = out / "store" / "validation.jsonl"

@@ -43,10 +43,10 @@ from torch import nn
 from zoomless.engines.base import conversation
 from zoomless.imaging import crop_view, load_image, render_view
 from zoomless.prompts import format_question
+from zoomless.eval.runfiles import SETTINGS, check_settings, read_records
 from zoomless.sample import Sample
 
 ITEMS = "coverage.jsonl"
-SETTINGS = "settings.json"
 RESULTS = "results.json"
 HEATMAPS = "heatmaps"
 KIND = "coverage"
@@ -313,32 +313,7 @@ def _safe_name(sample_id: str) -> str:
 
 
 def _read_items(path: Path) -> dict[str, CoverageItem]:
-    done: dict[str, CoverageItem] = {}
-    if not path.exists():
-        return done
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # torn write: keep only whole lines
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    for n, line in enumerate(raw.decode().splitlines(), 1):
-        if line.strip():
-            try:
-                item = CoverageItem(**json.loads(line))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a coverage record ({e})") from None
-            done[item.id] = item
-    return done
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    path = out / SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text())
-        for k in _RESUME_KEYS:
-            if old.get(k) != settings.get(k):
-                raise ValueError(f"{out}: earlier coverage used {k}={old.get(k)!r}, this run asks "
-                                 f"{k}={settings.get(k)!r}; use another out_dir")
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return {i.id: i for i in read_records(path, CoverageItem, "coverage")}
 
 
 def coverage(
@@ -385,7 +360,7 @@ def coverage(
     items_file = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _check_settings(out, settings)
+        check_settings(out, settings, _RESUME_KEYS)
         done = _read_items(out / ITEMS)
         items_file = (out / ITEMS).open("a")
     drawn = 0

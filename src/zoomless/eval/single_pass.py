@@ -29,10 +29,10 @@ from zoomless.eval.grading import grade
 from zoomless.eval.metrics import Accuracy, Gap, by_dimension, gap_by_dimension, latency_stats
 from zoomless.imaging import render_view
 from zoomless.prompts import FORMS, format_question
+from zoomless.eval.runfiles import SETTINGS, check_settings, read_records
 from zoomless.sample import Sample
 
 PREDICTIONS = "predictions.jsonl"
-SETTINGS = "settings.json"
 RESULTS = "results.json"
 SUMMARY = "summary.md"
 
@@ -112,37 +112,8 @@ class EvalResult:
 
 
 def _read_done(path: Path) -> dict[tuple[str, str], ItemResult]:
-    """Items already graded. A last line cut off by a crash is dropped from the file."""
-    done: dict[tuple[str, str], ItemResult] = {}
-    if not path.exists():
-        return done
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # torn write: keep only whole lines
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    for n, line in enumerate(raw.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = ItemResult(**json.loads(line))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a prediction record ({e})") from None
-        done[(item.view, item.id)] = item
-    return done
-
-
-def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix predictions made under different settings in one folder."""
-    path = out_dir / SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text())
-        for k in _RESUME_KEYS:
-            if old.get(k) != settings.get(k):
-                raise ValueError(
-                    f"{out_dir}: earlier predictions used {k}={old.get(k)!r}, this run asks "
-                    f"{k}={settings.get(k)!r}; use another out_dir"
-                )
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    """Items already graded, by (view, id)."""
+    return {(i.view, i.id): i for i in read_records(path, ItemResult, "prediction")}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -249,7 +220,7 @@ def evaluate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _check_settings(out, settings)
+        check_settings(out, settings, _RESUME_KEYS)
         done = _read_done(out / PREDICTIONS)
         pred_file = (out / PREDICTIONS).open("a")
 

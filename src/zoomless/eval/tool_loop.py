@@ -55,13 +55,13 @@ from zoomless.imaging import (
     Box, crop_view, from_rel1000, load_image, render_view, resize_to_budget, to_rel1000, zoom_view,
 )
 from zoomless.prompts import FORMS, format_question
+from zoomless.eval.runfiles import SETTINGS, check_settings, read_records
 from zoomless.sample import Sample
 
 if TYPE_CHECKING:
     from zoomless.eval.single_pass import EvalResult
 
 PREDICTIONS = "predictions.jsonl"
-SETTINGS = "settings.json"
 RESULTS = "results.json"
 SUMMARY = "summary.md"
 KIND = "tool_loop"
@@ -435,36 +435,7 @@ def _run_batch(
 
 
 def _read_done(path: Path) -> dict[str, ToolItem]:
-    """Items already graded; a last line cut off by a crash is dropped from the file."""
-    done: dict[str, ToolItem] = {}
-    if not path.exists():
-        return done
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    for n, line in enumerate(raw.decode().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = ToolItem(**json.loads(line))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a tool-loop prediction record ({e})") from None
-        done[item.id] = item
-    return done
-
-
-def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
-    path = out_dir / SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text())
-        for k in _RESUME_KEYS:
-            if old.get(k) != settings.get(k):
-                raise ValueError(
-                    f"{out_dir}: earlier predictions used {k}={old.get(k)!r}, this run asks "
-                    f"{k}={settings.get(k)!r}; use another out_dir"
-                )
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return {i.id: i for i in read_records(path, ToolItem, "tool-loop prediction")}
 
 
 def _check_samples(samples: Sequence[Sample], oracle_box: bool) -> None:
@@ -533,7 +504,7 @@ def evaluate_tool_loop(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _check_settings(out, settings)
+        check_settings(out, settings, _RESUME_KEYS)
         done = _read_done(out / PREDICTIONS)
         pred_file = (out / PREDICTIONS).open("a")
     todo = [s for s in samples if s.id not in done]
