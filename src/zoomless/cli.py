@@ -142,16 +142,25 @@ def eval_cmd(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
     api_key: Optional[str] = typer.Option(None, envvar="OPENAI_API_KEY", help="Key for --base-url."),
+    judge_base_url: Optional[str] = typer.Option(None, help="LLM judge endpoint for answers the rules cannot decide."),
+    judge_model: Optional[str] = typer.Option(None, help="Served name of the judge model (with --judge-base-url)."),
+    judge_model_dir: Optional[Path] = typer.Option(None, help="A local judge model directory, run in-process."),
+    judge_api_key: Optional[str] = typer.Option(None, envvar="ZOOMLESS_JUDGE_API_KEY", help="Key for --judge-base-url."),
+    judge_on_malformed: str = typer.Option("wrong", help="A judge reply that is neither yes nor no: wrong, or skip (excluded)."),
     chart: bool = typer.Option(True, help="Write gap_chart.png."),
 ) -> None:
     """Single-pass dual-view evaluation (accuracy on the full image and on the crop, the zooming gap), or
     the Thinking-with-Images tool loop. Resumable: run again with the same --out and finished items are skipped."""
     from zoomless.eval.report import dual_view_table, gap_chart
 
+    from zoomless.eval.judge import make_judge
+
     samples, name = _load_samples(data, benchmark, seed, limit)
     engine = _engine(model, base_url, api_key, device, batch_size)
+    judge = make_judge(base_url=judge_base_url, model=judge_model, model_dir=judge_model_dir,
+                       api_key=judge_api_key, on_malformed=judge_on_malformed, device=device)
     common = dict(form=form, max_pixels=max_pixels, batch_size=batch_size, seed=seed, out_dir=out_dir,
-                  benchmark=name, model=model)
+                  benchmark=name, model=model, judge=judge)
     if tool_loop:
         from zoomless.eval.tool_loop import evaluate_tool_loop, to_markdown
 

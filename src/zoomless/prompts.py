@@ -70,9 +70,10 @@ def sample_form(sample: Sample, form: str) -> str:
 def format_question(sample: Sample, question_text: str | None = None, form: str = "mcq") -> str:
     """The text sent to the model. `question_text` replaces the sample's question (the overlay view
     adds a sentence pointing at the box)."""
-    text = (question_text if question_text is not None else sample.question).strip()
-    if sample.meta.get("prompt_final"):  # a public benchmark's own prompt convention, already applied
+    text = question_text if question_text is not None else sample.question
+    if sample.meta.get("prompt_final"):  # a public benchmark's own prompt, sent exactly as written
         return text
+    text = text.strip()
     form = sample_form(sample, form)
     if form == "mcq":
         if not sample.options:  # options already in the text: send it as the benchmark wrote it

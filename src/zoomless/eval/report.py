@@ -2,13 +2,13 @@
 
 Accuracies are shown in percent with their 95% Wilson interval, the gap (crop - full) with its
 paired 95% interval (see `metrics`). Every report names the model, the answer form, the pixel
-budget and the seed, since published scores swing with each of them.
+budget, the seed and the judge, since published scores swing with each of them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
@@ -42,10 +42,43 @@ def settings_line(result: "EvalResult") -> str:
     s = result.settings
     pixels = "native" if s.get("max_pixels") is None else f"{s['max_pixels']:,}"
     bench = f"{s['benchmark']}, " if s.get("benchmark") else ""
+    judge = s.get("judge")
     return (
         f"{bench}model {s.get('model')}, form {s.get('form')}, max_pixels {pixels}, "
-        f"seed {s.get('seed')}, {s.get('decoding', 'greedy')}, max_new_tokens {s.get('max_new_tokens')}"
+        f"seed {s.get('seed')}, {s.get('decoding', 'greedy')}, max_new_tokens {s.get('max_new_tokens')}, "
+        + (f"judge {judge.get('model')}" if judge else "rules only")
     )
+
+
+def judge_line(settings: dict[str, Any]) -> str:
+    """How the answers were graded: the rules alone, or the rules then which judge, where, and
+    what its malformed or failed verdicts scored."""
+    judge = settings.get("judge")
+    if not judge:
+        return "Graded by rules only (no judge): an answer the rules cannot read is wrong."
+    where = judge.get("base_url") or "in-process"
+    fate = "are left out of the denominator" if judge.get("on_malformed") == "skip" else "count as wrong"
+    return (
+        f"Graded by rules, then the judge {judge.get('model')} ({where}; {judge.get('prompt')} prompt, "
+        f"temperature {judge.get('temperature')}) for answers the rules could not decide; malformed or "
+        f"failed verdicts {fate}."
+    )
+
+
+def benchmark_metric_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per view for the benchmark's own headline metric (CV-Bench, VisualProbe, POPE, MMVP)."""
+    lines = []
+    for view, m in metrics.items():
+        detail = ""
+        if "groups" in m:
+            detail = "; " + ", ".join(f"{g} {100 * a['acc']:.1f} (n {a['n']})" for g, a in m["groups"].items())
+        elif m.get("benchmark") == "pope":
+            detail = "; " + ", ".join(f"{k} {100 * m[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1"))
+            detail += f", yes ratio {100 * m['yes_ratio']:.1f}"
+        elif "pairs" in m:
+            detail = f"; {m['both_right']} of {m['pairs']} pairs"
+        lines.append(f"- {view}: {m['benchmark']} {m['metric']}: **{100 * m['score']:.1f}**{detail}")
+    return lines
 
 
 def _rows(result: "EvalResult", ci_digits: int = 1) -> tuple[list[str], list[list[str]]]:
@@ -95,18 +128,24 @@ def to_markdown(result: "EvalResult") -> str:
         "",
         _markdown_table(header, rows),
         "",
-        "## Timing and grading",
-        "",
     ]
+    if result.benchmark_metrics:
+        parts += ["## Benchmark metric", "", *benchmark_metric_lines(result.benchmark_metrics), ""]
+    parts += ["## Timing and grading", ""]
+    judged = bool(result.settings.get("judge"))
     t_header = ["view", "p50 s", "p90 s", "p99 s", "samples/s", "unparsable", "failed"]
+    if judged:
+        t_header += ["judged", "judge yes", "judge no", "judge malformed", "judge failed", "excluded"]
     t_rows = []
     for v in result.views:
         t, m = result.timing(v), result.methods(v)
-        t_rows.append(
-            [v, f"{t['p50_s']:.3f}", f"{t['p90_s']:.3f}", f"{t['p99_s']:.3f}", f"{t['samples_per_s']:.2f}",
-             str(m.get("unparsable", 0)), str(m.get("error", 0))]
-        )
-    parts += [_markdown_table(t_header, t_rows), ""]
+        row = [v, f"{t['p50_s']:.3f}", f"{t['p90_s']:.3f}", f"{t['p99_s']:.3f}", f"{t['samples_per_s']:.2f}",
+               str(m.get("unparsable", 0)), str(m.get("error", 0))]
+        if judged:
+            j = result.judge_counts(v)
+            row += [str(j[k]) for k in ("judged", "yes", "no", "malformed", "errors", "excluded")]
+        t_rows.append(row)
+    parts += [_markdown_table(t_header, t_rows), "", judge_line(result.settings), ""]
     return "\n".join(parts)
 
 

@@ -6,6 +6,14 @@ For each view, samples are rendered (`imaging.render_view`), batched into conver
 by `engine.generate` and graded by rules (`grading.grade`). A sample whose image cannot be loaded
 or whose generation failed is a wrong item with its error recorded: it stays in the denominator.
 
+With a `judge` (`eval.judge.make_judge`), the answers the rules cannot decide (an open answer that
+fails the string and number match, an answer where no option letter can be read) are judged Yes/No;
+rule-decided items never reach it. Each item records its grading source in `method` ("letter",
+"exact", "number", "unparsable", "error", "judge", "judge_malformed", "judge_error"), the verdict
+and the judge's reply. A malformed or failed verdict is wrong, or with the judge's
+on_malformed="skip" `excluded` from every denominator; both are counted in the summary. A rerun in
+the same folder retries the failed judge calls (the answers are kept).
+
 With `out_dir`, every graded item is appended to `predictions.jsonl` as soon as its batch is done;
 a rerun skips the (view, id) pairs already there, so a crash or Ctrl-C loses at most one batch.
 At the end `results.json` (machine-readable) and `summary.md` (the table) are written.
@@ -25,7 +33,9 @@ from typing import Any, Iterable, Sequence
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zoomless.engines.base import Engine, SamplingParams, conversation
+from zoomless.eval.benchmark_metrics import benchmark_metrics
 from zoomless.eval.grading import grade
+from zoomless.eval.judge import Judge, judge_counts, judge_items, pending
 from zoomless.eval.metrics import Accuracy, Gap, by_dimension, gap_by_dimension, latency_stats
 from zoomless.imaging import render_view
 from zoomless.prompts import FORMS, format_question
@@ -37,7 +47,7 @@ RESULTS = "results.json"
 SUMMARY = "summary.md"
 
 # Settings that change the answers: a resumed run must match them.
-_RESUME_KEYS = ("model", "form", "max_new_tokens", "max_pixels", "crop_margin", "zoom", "seed")
+_RESUME_KEYS = ("model", "form", "max_new_tokens", "max_pixels", "crop_margin", "zoom", "seed", "judge")
 
 
 @dataclass
@@ -51,12 +61,16 @@ class ItemResult:
     method: str
     latency_s: float | None = None  # None for items that never reached the model
     error: str | None = None
+    verdict: str | None = None  # the judge's: "yes", "no", "malformed", "error"; None: not judged
+    judge_reply: str | None = None  # its text, or the error of a failed call
+    excluded: bool = False  # left out of the denominators (a malformed/failed verdict, on_malformed="skip")
 
 
 @dataclass
 class EvalResult:
     settings: dict[str, Any]
     items: dict[str, list[ItemResult]] = field(default_factory=dict)  # view -> items, sample order
+    benchmark_metrics: dict[str, Any] = field(default_factory=dict)  # view -> `benchmark_metrics` (when special)
 
     @property
     def views(self) -> list[str]:
@@ -67,17 +81,21 @@ class EvalResult:
         """The dimensions present, sorted ("other" for samples without one)."""
         return sorted({it.dimension or "other" for items in self.items.values() for it in items})
 
+    def scored(self, view: str) -> list[ItemResult]:
+        """The items of a view that count (all but the excluded ones)."""
+        return [it for it in self.items[view] if not it.excluded]
+
     def accuracy(self, view: str) -> dict[str, Accuracy]:
         """Accuracy per dimension plus "all" for one view."""
-        items = self.items[view]
+        items = self.scored(view)
         return by_dimension([it.correct for it in items], [it.dimension for it in items])
 
     def gap(self, full: str = "full", crop: str = "crop") -> dict[str, Gap] | None:
         """The zooming gap Acc(crop) - Acc(full), paired per question, per dimension plus "all"."""
         if full not in self.items or crop not in self.items:
             return None
-        f = {it.id: it.correct for it in self.items[full]}
-        c = {it.id: it.correct for it in self.items[crop]}
+        f = {it.id: it.correct for it in self.scored(full)}
+        c = {it.id: it.correct for it in self.scored(crop)}
         dims = {it.id: it.dimension for it in self.items[full]}
         return gap_by_dimension(f, c, dims)
 
@@ -92,20 +110,28 @@ class EvalResult:
             counts[it.method] = counts.get(it.method, 0) + 1
         return counts
 
+    def judge_counts(self, view: str) -> dict[str, int]:
+        """Items judged, verdicts, and items excluded from the denominator."""
+        return judge_counts(self.items[view])
+
     def to_dict(self) -> dict[str, Any]:
         gap = self.gap()
-        return {
+        out = {
             "settings": self.settings,
             "views": {
                 v: {
                     "accuracy": {d: asdict(a) for d, a in self.accuracy(v).items()},
                     "methods": self.methods(v),
+                    "judge": self.judge_counts(v),
                     "timing": self.timing(v),
                 }
                 for v in self.views
             },
             "gap": None if gap is None else {d: asdict(g) for d, g in gap.items()},
         }
+        if self.benchmark_metrics:
+            out["benchmark_metrics"] = self.benchmark_metrics
+        return out
 
 
 # ----------------------------------------------------------------------------- resume files
@@ -188,10 +214,12 @@ def evaluate(
     progress: bool = True,
     benchmark: str | None = None,
     model: str | None = None,
+    judge: Judge | None = None,
 ) -> EvalResult:
-    """Ask every sample in every view, grade, and (with `out_dir`) write predictions, results and
-    summary, resuming from earlier predictions in that folder. `benchmark` and `model` are labels
-    for reports (`model` defaults to the engine's name)."""
+    """Ask every sample in every view, grade (rules, then `judge` for what they cannot decide), and
+    (with `out_dir`) write predictions, results and summary, resuming from earlier predictions in
+    that folder. `benchmark` and `model` are labels for reports (`model` defaults to the engine's
+    name)."""
     samples = list(samples)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -211,6 +239,7 @@ def evaluate(
         "decoding": "greedy",
         "batch_size": batch_size,
         "n_samples": len(samples),
+        "judge": None if judge is None else judge.describe(),
     }
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     render_kw = {"crop_margin": crop_margin, "zoom": zoom, "max_pixels": max_pixels}
@@ -228,25 +257,43 @@ def evaluate(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not progress,
     )
+
+    def save(items: Sequence[ItemResult]) -> None:
+        if pred_file is not None:
+            pred_file.writelines(json.dumps(asdict(item)) + "\n" for item in items)
+            pred_file.flush()
+
     try:
         with bar:
             for view in views:
+                if judge is not None:  # judge calls that failed in an earlier run are retried
+                    retry = [(s, done[(view, s.id)]) for s in samples
+                             if (view, s.id) in done and pending(s, done[(view, s.id)], form)]
+                    for start in range(0, len(retry), batch_size):
+                        pairs = retry[start : start + batch_size]
+                        judge_items(judge, pairs, form)
+                        save([it for _, it in pairs])
                 todo = [s for s in samples if (view, s.id) not in done]
                 task = bar.add_task(f"{view:>8}", total=len(samples), completed=len(samples) - len(todo))
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
-                    for item in _answer_batch(batch, view, engine, params, form, render_kw):
+                    answered = _answer_batch(batch, view, engine, params, form, render_kw)
+                    judge_items(judge, list(zip(batch, answered)), form)  # the verdict is part of the record
+                    for item in answered:
                         done[(view, item.id)] = item
-                        if pred_file is not None:
-                            pred_file.write(json.dumps(asdict(item)) + "\n")
-                    if pred_file is not None:
-                        pred_file.flush()
+                    save(answered)
                     bar.advance(task, len(batch))
     finally:
         if pred_file is not None:
             pred_file.close()
 
-    result = EvalResult(settings, {v: [done[(v, s.id)] for s in samples] for v in views})
+    items = {v: [done[(v, s.id)] for s in samples] for v in views}
+    special = {}
+    for v in views:
+        m = benchmark_metrics(samples, {it.id: None if it.excluded else it.correct for it in items[v]})
+        if m is not None:
+            special[v] = m
+    result = EvalResult(settings, items, special)
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result
@@ -271,7 +318,10 @@ def load_result(out_dir: str | Path) -> EvalResult:
     items: dict[str, list[ItemResult]] = {}
     for item in _read_done(out / PREDICTIONS).values():
         items.setdefault(item.view, []).append(item)
-    return EvalResult(settings, items)
+    special = {}  # needs the samples: read back from the results of the run that wrote them
+    if (out / RESULTS).exists():
+        special = json.loads((out / RESULTS).read_text()).get("benchmark_metrics", {})
+    return EvalResult(settings, items, special)
 
 
 def evaluate_file(

@@ -29,6 +29,10 @@ no closing `</tool_call>` (cut off by max_new_tokens) is parsed up to the end of
 the model's box (for models that cannot ground). Results then measure "zooming at the right place
 when asked", not grounding: reports say so.
 
+Grading: the final answer by the rules, then, with a `judge`, the answers the rules cannot decide
+are judged Yes/No, exactly as in single-pass evaluation (`eval.judge.judge_items`; the judge's
+time is not part of the latency).
+
 Latency: each turn's `generate` call is timed and shared evenly by the samples it answered (as in
 single-pass evaluation); a sample's latency is the sum of its shares plus the time its zooms took.
 samples/s = samples / total latency, comparable with the single-pass numbers.
@@ -49,7 +53,9 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zoomless.engines.base import Conversation, Engine, SamplingParams, conversation
+from zoomless.eval.benchmark_metrics import benchmark_metrics
 from zoomless.eval.grading import grade
+from zoomless.eval.judge import Judge, judge_counts, judge_items, pending
 from zoomless.eval.metrics import Accuracy, by_dimension, latency_stats
 from zoomless.imaging import (
     Box, crop_view, from_rel1000, load_image, render_view, resize_to_budget, to_rel1000, zoom_view,
@@ -72,6 +78,7 @@ MIN_SIDE = 32  # px per side of a zoom crop, after clamping (as Qwen-Agent's ima
 # Settings that change the answers: a resumed run must match them.
 _RESUME_KEYS = (
     "kind", "model", "form", "max_turns", "max_new_tokens", "max_pixels", "zoom_min_pixels", "oracle_box", "seed",
+    "judge",
 )
 
 # ----------------------------------------------------------------------------- the prompt
@@ -276,19 +283,28 @@ class ToolItem:
     error: str | None = None
     boxes: list[list[int]] = field(default_factory=list)  # executed crop rectangles, original pixels
     trace: list[str] = field(default_factory=list)  # every model reply, in order
+    verdict: str | None = None  # the judge's: "yes", "no", "malformed", "error"; None: not judged
+    judge_reply: str | None = None  # its text, or the error of a failed call
+    excluded: bool = False  # left out of the denominators (a malformed/failed verdict, on_malformed="skip")
 
 
 @dataclass
 class ToolLoopResult:
     settings: dict[str, Any]
     items: list[ToolItem]
+    benchmark_metrics: dict[str, Any] | None = None  # CV-Bench, VisualProbe, POPE, MMVP only
 
     @property
     def dimensions(self) -> list[str]:
         return sorted({it.dimension or "other" for it in self.items})
 
+    def scored(self) -> list[ToolItem]:
+        """The items that count (all but the excluded ones)."""
+        return [it for it in self.items if not it.excluded]
+
     def accuracy(self) -> dict[str, Accuracy]:
-        return by_dimension([it.correct for it in self.items], [it.dimension for it in self.items])
+        items = self.scored()
+        return by_dimension([it.correct for it in items], [it.dimension for it in items])
 
     def timing(self) -> dict[str, float]:
         return latency_stats([it.latency_s for it in self.items if it.latency_s is not None])
@@ -312,14 +328,18 @@ class ToolLoopResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": KIND,
             "settings": self.settings,
             "accuracy": {d: asdict(a) for d, a in self.accuracy().items()},
             "methods": self.methods(),
+            "judge": judge_counts(self.items),
             "timing": self.timing(),
             "tools": self.tool_stats(),
         }
+        if self.benchmark_metrics:
+            out["benchmark_metrics"] = self.benchmark_metrics
+        return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -469,9 +489,11 @@ def evaluate_tool_loop(
     zoom_min_pixels: int = 512 * 512,
     benchmark: str | None = None,
     model: str | None = None,
+    judge: Judge | None = None,
 ) -> ToolLoopResult:
-    """Run the zoom-tool loop on every sample (greedy), grade the final answers and, with
-    `out_dir`, write predictions.jsonl (resumable), settings.json, results.json and summary.md."""
+    """Run the zoom-tool loop on every sample (greedy), grade the final answers (rules, then `judge`
+    for what they cannot decide) and, with `out_dir`, write predictions.jsonl (resumable),
+    settings.json, results.json and summary.md."""
     samples = list(samples)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -494,6 +516,7 @@ def evaluate_tool_loop(
         "decoding": "greedy",
         "batch_size": batch_size,
         "n_samples": len(samples),
+        "judge": None if judge is None else judge.describe(),
     }
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     loop_kw = dict(form=form, max_turns=max_turns, max_pixels=max_pixels, oracle_box=oracle_box,
@@ -511,23 +534,36 @@ def evaluate_tool_loop(
     bar = Progress(
         TextColumn("[bold]tool loop"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
     )
+
+    def save(items: Sequence[ToolItem]) -> None:
+        if pred_file is not None:
+            pred_file.writelines(json.dumps(asdict(item)) + "\n" for item in items)
+            pred_file.flush()
+
     try:
+        if judge is not None:  # judge calls that failed in an earlier run are retried
+            retry = [(s, done[s.id]) for s in samples if s.id in done and pending(s, done[s.id], form)]
+            for start in range(0, len(retry), batch_size):
+                pairs = retry[start : start + batch_size]
+                judge_items(judge, pairs, form)
+                save([it for _, it in pairs])
         with bar:
             task = bar.add_task("tool loop", total=len(samples), completed=len(samples) - len(todo))
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                for item in _run_batch(batch, engine, params, **loop_kw):
+                answered = _run_batch(batch, engine, params, **loop_kw)
+                judge_items(judge, list(zip(batch, answered)), form)  # the verdict is part of the record
+                for item in answered:
                     done[item.id] = item
-                    if pred_file is not None:
-                        pred_file.write(json.dumps(asdict(item)) + "\n")
-                if pred_file is not None:
-                    pred_file.flush()
+                save(answered)
                 bar.advance(task, len(batch))
     finally:
         if pred_file is not None:
             pred_file.close()
 
-    result = ToolLoopResult(settings, [done[s.id] for s in samples])
+    items = [done[s.id] for s in samples]
+    special = benchmark_metrics(samples, {it.id: None if it.excluded else it.correct for it in items})
+    result = ToolLoopResult(settings, items, special)
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result
@@ -554,7 +590,10 @@ def load_tool_result(out_dir: str | Path) -> ToolLoopResult:
     settings = json.loads(path.read_text()) if path.exists() else {}
     if settings.get("kind") != KIND:
         raise ValueError(f"{out}: not a tool-loop evaluation folder (no {SETTINGS} with kind {KIND!r})")
-    return ToolLoopResult(settings, list(_read_done(out / PREDICTIONS).values()))
+    special = None  # needs the samples: read back from the results of the run that wrote them
+    if (out / RESULTS).exists():
+        special = json.loads((out / RESULTS).read_text()).get("benchmark_metrics")
+    return ToolLoopResult(settings, list(_read_done(out / PREDICTIONS).values()), special)
 
 
 # ----------------------------------------------------------------------------- speed vs accuracy
@@ -565,8 +604,8 @@ def speed_accuracy(single_pass_result: "EvalResult", tool_result: ToolLoopResult
     over the questions both answered. `speedup` = single-pass samples/s / tool-loop samples/s."""
     if view not in single_pass_result.items:
         raise ValueError(f"the single-pass result has no {view!r} view (it has {single_pass_result.views})")
-    tool = {it.id: it for it in tool_result.items}
-    single = [it for it in single_pass_result.items[view] if it.id in tool]
+    tool = {it.id: it for it in tool_result.scored()}
+    single = [it for it in single_pass_result.scored(view) if it.id in tool]
     ids = {it.id for it in single}
     tools = [tool[i] for i in tool if i in ids]
 
@@ -600,7 +639,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def to_markdown(result: ToolLoopResult) -> str:
     """The accuracy table per dimension and the loop's statistics; an oracle run says so first."""
-    from zoomless.eval.report import fmt_acc
+    from zoomless.eval.report import benchmark_metric_lines, fmt_acc, judge_line
 
     s, acc, t, tools = result.settings, result.accuracy(), result.timing(), result.tool_stats()
     pixels = "native" if s.get("max_pixels") is None else f"{s['max_pixels']:,}"
@@ -609,6 +648,8 @@ def to_markdown(result: ToolLoopResult) -> str:
         "",
         f"model {s.get('model')}, form {s.get('form')}, max_turns {s.get('max_turns')}, max_pixels {pixels}, "
         f"seed {s.get('seed')}, greedy, max_new_tokens {s.get('max_new_tokens')}",
+        "",
+        judge_line(s),
         "",
     ]
     if tools["oracle_box"]:
@@ -623,6 +664,14 @@ def to_markdown(result: ToolLoopResult) -> str:
         ),
         "",
     ]
+    m = result.methods()
+    grading = [["unparsable", str(m.get("unparsable", 0))], ["failed", str(m.get("error", 0))]]
+    if s.get("judge"):
+        j = judge_counts(result.items)
+        grading += [[f"judge {k}" if k not in ("judged", "excluded") else k, str(v)] for k, v in j.items()]
+    lines += [_table(["grading", "items"], grading), ""]
+    if result.benchmark_metrics:
+        lines += benchmark_metric_lines({"tool loop": result.benchmark_metrics}) + [""]
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ For one response to one sample (spec 3.2, with its bugs fixed):
 The judge sees the answer span (not the reasoning around it) and must answer exactly Yes or No. A
 reply that is anything else ("malformed") and a failed call ("error") are scored as configured:
 wrong (accuracy 0), or skip (the rollout has no reward and leaves the loss); neither ever raises.
-Every component is counted in the metrics a step logs.
+Every component is counted in the metrics a step logs. The judge itself (prompts, strict verdict
+parsing, engines) is `eval/judge.py`, shared with evaluation.
 """
 
 from __future__ import annotations
@@ -20,17 +21,30 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from zoomless.engines.base import Conversation, Engine, SamplingParams, conversation
-from zoomless.eval.grading import Grade, answer_span, grade, normalize
-from zoomless.prompts import format_question, gold_letter, sample_form
+from zoomless.eval.grading import answer_span, grade
+from zoomless.eval.judge import (  # the judge lives with grading; re-exported here for training code
+    JUDGE_PROMPT,
+    Judge,
+    JudgeStats,
+    OnMalformed,
+    judge_conversation,
+    judge_reference,
+    make_judge,
+    parse_verdict,
+    rules_decide,
+)
 from zoomless.sample import Sample
 
 if TYPE_CHECKING:
     from zoomless.train.config import JudgeConfig
 
-OnMalformed = Literal["wrong", "skip"]
+__all__ = [
+    "JUDGE_PROMPT", "Judge", "JudgeStats", "OnMalformed", "Reward", "build_judge", "format_score",
+    "judge_conversation", "judge_reference", "over_length", "parse_verdict", "reward_metrics", "rules_decide",
+    "score_responses",
+]
 
 _ANSWER_PAIR = re.compile(r"<answer>.*?</answer>", re.DOTALL | re.IGNORECASE)
 
@@ -48,133 +62,30 @@ def over_length(text: str, max_answer_chars: int | None) -> bool:
     return max_answer_chars is not None and len(answer_span(text)[0]) >= max_answer_chars
 
 
-def rules_decide(sample: Sample, g: Grade, form: str) -> bool:
-    """Whether a rule grade is final: right by any rule, a definite option letter or number that
-    was compared, a yes/no answer to a yes/no question, or a failed generation. An open answer
-    that only failed the string match may still mean the gold ("crimson" for "red"): not final."""
-    if g.correct or g.method in ("letter", "number", "error"):
-        return True
-    if sample_form(sample, form) == "open" and normalize(sample.answer or "") in ("yes", "no"):
-        return g.parsed is not None
-    return False
-
-
-# ----------------------------------------------------------------------------- the judge
-
-JUDGE_PROMPT = """You check whether a model's answer to a question means the same as the reference answer.
-Do not solve the question yourself; the reference answer is correct. Ignore case, formatting, units
-and wording; a multiple-choice answer matches if it picks the same option.
-
-Question:
-{question}
-
-Reference answer:
-{reference}
-
-Model answer:
-{response}
-
-Does the model answer mean the same as the reference answer? Reply with exactly one word: Yes or No."""
-
-
-def judge_reference(sample: Sample, form: str) -> str:
-    """The gold as the judge sees it: the letter and its text for multiple choice, else the answer."""
-    letter = gold_letter(sample) if sample_form(sample, form) == "mcq" else None
-    if letter is not None and sample.options:
-        return f"{letter}. {sample.answer}"
-    return letter or sample.answer or ""
-
-
-def judge_conversation(sample: Sample, response: str, form: str) -> Conversation:
-    """A text-only prompt: the question (with its options), the reference answer, and the model's
-    answer span (its <answer>, \\boxed{} or "Answer:" part when it marks one)."""
-    text = JUDGE_PROMPT.format(
-        question=format_question(sample, form=form), reference=judge_reference(sample, form),
-        response=answer_span(response)[0],
-    )
-    return conversation([], text)
-
-
-def parse_verdict(text: str) -> bool | None:
-    """Strict: True for a reply whose answer span is exactly "yes", False for "no", else None.
-
-    "Yes.", "**No**", "\\boxed{Yes}", "<answer>yes</answer>" and "Answer: No" count; "Yes and no",
-    "Not yes", "The answer is probably yes" and an empty reply do not (no substring matching)."""
-    span, _ = answer_span(text)
-    verdict = normalize(span)
-    return {"yes": True, "no": False}.get(verdict)
-
-
-@dataclass
-class JudgeStats:
-    calls: int = 0  # responses sent to the judge
-    yes: int = 0
-    no: int = 0
-    malformed: int = 0  # replies that were not a clear Yes or No
-    errors: int = 0  # failed calls (the engine's error placeholders)
-
-
-class Judge:
-    """Any engine (in-process HF, or OpenAI-compatible HTTP) asked for a Yes/No verdict."""
-
-    def __init__(
-        self, engine: Engine, params: SamplingParams | None = None, on_malformed: OnMalformed = "wrong"
-    ) -> None:
-        if on_malformed not in ("wrong", "skip"):
-            raise ValueError(f"on_malformed must be 'wrong' or 'skip', got {on_malformed!r}")
-        self.engine = engine
-        self.params = params or SamplingParams(max_new_tokens=256, temperature=0.0)
-        self.on_malformed = on_malformed
-
-    def verdicts(self, items: Sequence[tuple[Sample, str]], form: str) -> tuple[list[str], JudgeStats]:
-        """One verdict per (sample, response): "yes", "no", "malformed" (not a clear Yes/No) or
-        "error" (the call failed). Never raises for a bad reply or a failed endpoint."""
-        if not items:
-            return [], JudgeStats()
-        convs = [judge_conversation(s, r, form) for s, r in items]
-        params = SamplingParams(  # one verdict per item
-            max_new_tokens=self.params.max_new_tokens, temperature=self.params.temperature,
-            top_p=self.params.top_p, n=1, seed=self.params.seed,
-        )
-        try:
-            replies = self.engine.generate(convs, params)
-        except Exception:  # noqa: BLE001 - a judge outage must not end a training run
-            replies = [[] for _ in convs]
-        out: list[str] = []
-        for gens in replies:
-            g = gens[0] if gens else None
-            if g is None or g.error is not None or g.finish_reason == "error":
-                out.append("error")
-            else:
-                v = parse_verdict(g.text)
-                out.append("malformed" if v is None else ("yes" if v else "no"))
-        stats = JudgeStats(
-            calls=len(out), yes=out.count("yes"), no=out.count("no"),
-            malformed=out.count("malformed"), errors=out.count("error"),
-        )
-        return out, stats
-
-
 def build_judge(cfg: "JudgeConfig") -> Judge:
-    """The judge a `JudgeConfig` describes (an HTTP endpoint, or a local model directory)."""
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    if cfg.base_url is not None:
-        from zoomless.engines.openai_engine import OpenAIEngine
-
-        key = None
-        if cfg.api_key_env is not None:
-            key = os.environ.get(cfg.api_key_env)
-            if key is None:
-                raise ValueError(f"judge.api_key_env: the environment variable {cfg.api_key_env} is not set")
-        engine: Engine = OpenAIEngine(
-            cfg.base_url, cfg.model, api_key=key or "none", max_concurrency=cfg.max_concurrency,
-            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, name=f"judge:{cfg.model}",
-        )
-    else:
-        from zoomless.engines.hf import HFEngine
-
-        engine = HFEngine.from_dir(cfg.model, device=None if cfg.device == "auto" else cfg.device, name="judge")
-    return Judge(engine, params, cfg.on_malformed)
+    """The judge a `JudgeConfig` describes (an HTTP endpoint, or a local model directory), with the
+    project's judge prompt."""
+    key = None
+    if cfg.base_url is not None and cfg.api_key_env is not None:
+        key = os.environ.get(cfg.api_key_env)
+        if key is None:
+            raise ValueError(f"judge.api_key_env: the environment variable {cfg.api_key_env} is not set")
+    judge = make_judge(
+        base_url=cfg.base_url,
+        model=cfg.model if cfg.base_url is not None else None,
+        model_dir=cfg.model if cfg.base_url is None else None,
+        api_key=key,
+        on_malformed=cfg.on_malformed,
+        max_new_tokens=cfg.max_new_tokens,
+        max_concurrency=cfg.max_concurrency,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        device=cfg.device,
+        temperature=cfg.temperature,
+        prompt=JUDGE_PROMPT,
+    )
+    assert judge is not None  # cfg.model is required
+    return judge
 
 
 # ----------------------------------------------------------------------------- scoring a batch
