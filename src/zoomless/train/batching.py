@@ -97,15 +97,53 @@ def build_batch(
 
 
 def lm_head(model: nn.Module) -> nn.Module:
-    return model.get_output_embeddings()
+    """The output projection of an HF model, or of the training wrapper around one (`train/distributed.py`)."""
+    return getattr(model, "module", model).get_output_embeddings()  # `.module`: inside DDP
+
+
+def backbone_hidden(model: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor) -> Tensor:
+    """Final hidden states of an HF VLM's backbone at (rows, positions): [N, H], without the LM head."""
+    out = model.model(**inputs, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[rows, positions]
+
+
+class ResponseModel(nn.Module):
+    """The policy as the data-parallel wrappers see it (`train/distributed.py`): its forward gives
+    the final hidden states at the response-predicting positions, [N, H], as `response_hidden`.
+    DDP and FSDP act only through the wrapped module's own forward, so every training forward
+    goes through this one; the LM head is applied outside, in chunks, by the losses."""
+
+    def __init__(self, vlm: nn.Module) -> None:
+        super().__init__()
+        self.vlm = vlm
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:  # FSDP auto-wrap shards these layer classes
+        return getattr(self.vlm, "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.vlm.get_output_embeddings()
+
+    def forward(
+        self, inputs: dict[str, Tensor] | None, rows: Tensor | None = None, positions: Tensor | None = None,
+        generate: dict[str, Any] | None = None,
+    ) -> Any:
+        if generate is not None:  # a whole `generate` call inside the root's forward hooks (FSDP)
+            return type(self.vlm).generate(self.vlm, **generate)
+        return backbone_hidden(self.vlm, inputs, rows, positions)
 
 
 def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
     """Final hidden states at the response-predicting positions: [N, H], without the LM head.
 
     Runs the multimodal backbone (`model.model` in HF's *ForConditionalGeneration classes), so the
-    [tokens x vocab] logits of the whole sequence are never formed.
+    [tokens x vocab] logits of the whole sequence are never formed. `model` is an HF model or a
+    `ResponseModel` around one (maybe inside DDP, or sharded by FSDP), called through its forward.
     """
-    out = model.model(**batch.inputs, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[batch.rows, batch.positions]
+    if isinstance(getattr(model, "module", model), ResponseModel):
+        return model(batch.inputs, batch.rows, batch.positions)
+    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions)

@@ -4,6 +4,9 @@ logging and rollouts. Nothing method-specific lives here; a recipe is a short lo
 Checkpoints are standard HF directories, `out_dir/checkpoint-000042/`: the student (save_pretrained)
 and its processor, any extra models (an EMA teacher) in subdirectories, and `trainer_state.pt` with
 the optimizer, scheduler, RNG and data-order state, so `resume` continues exactly where it stopped.
+
+Everything runs on one process or data-parallel on several (`accelerate launch`, DDP or FSDP2):
+`train/distributed.py` says what changes with several processes and why the result does not.
 """
 
 from __future__ import annotations
@@ -25,22 +28,25 @@ from torch import nn
 from zoomless.engines.base import Conversation, Engine, Generation, SamplingParams
 from zoomless.sample import Sample, read_samples
 from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, build_batch, lm_head, response_hidden
+from zoomless.train.distributed import (
+    Dist,
+    export_pretrained,
+    gathered_for_generation,
+    load_sharded_optimizer,
+    make_accelerator,
+    prepare_policy,
+    reshard,
+    save_sharded_optimizer,
+)
 from zoomless.train.losses import chunked_logprobs
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
+SHARDED_OPTIMIZER = "optimizer"  # FSDP: the optimizer state, one torch.distributed.checkpoint shard per process
+RANK_RNG_FILE = "rng_state_{rank}.pt"  # the RNG state of each process after the first
 
 
 # ----------------------------------------------------------------------------- device and precision
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -92,23 +98,24 @@ def warmup_constant_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup_steps))
 
 
-def clip_and_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    grad_clip: float,
-) -> tuple[float, bool]:
+def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
     """Clip gradients, step the optimizer and scheduler; skip the update if the norm is not finite.
+    With several processes the norm is that of the reduced gradients, the same on every process.
 
     Returns (grad norm before clipping, whether the update was applied).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    from torch.distributed.tensor import DTensor
+
+    if run.dist.fsdp:
+        reshard(run.policy)  # the optimizer updates the fp32 shards: no gathered copy may outlive them
+    params = [p for p in run.policy.parameters() if p.requires_grad]
+    norm = run.dist.accelerator.clip_grad_norm_(params, grad_clip)
+    norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     applied = math.isfinite(norm)
     if applied:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return norm, applied
 
 
@@ -128,6 +135,8 @@ class DataIterator:
     """Endless batches of sample indices, reshuffled every epoch from (seed, epoch).
 
     The whole state is (epoch, position), so saving and restoring it resumes the exact order.
+    With several processes each one draws the same global batch and keeps its own contiguous slice
+    (`shard`): the union over processes is the single-process batch, and the state stays global.
     """
 
     def __init__(self, n_items: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -135,6 +144,21 @@ class DataIterator:
             raise ValueError("DataIterator needs at least one item")
         self.n_items, self.batch_size, self.seed, self.shuffle = n_items, batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """From now on `next_batch` gives process `rank`'s slice of each global batch of `world`."""
+        if self.batch_size % world:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of the {world} processes: "
+                "each one takes an equal slice"
+            )
+        self.rank, self.world = rank, world
+
+    @property
+    def offset(self) -> int:
+        """Where this process's slice starts in the global batch."""
+        return self.rank * (self.batch_size // self.world)
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -143,6 +167,11 @@ class DataIterator:
         return torch.randperm(self.n_items, generator=g).tolist()
 
     def next_batch(self) -> list[int]:
+        """This process's slice of the next global batch (all of it on one process)."""
+        batch = self.global_batch()
+        return batch[self.offset : self.offset + self.batch_size // self.world]
+
+    def global_batch(self) -> list[int]:
         return self.take(self.batch_size)
 
     def take(self, n: int) -> list[int]:
@@ -193,37 +222,50 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(
+    run: "Run",
     out_dir: Path,
     step: int,
-    model: nn.Module,
-    processor: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    data: DataIterator,
     extra_models: dict[str, nn.Module] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `out_dir/checkpoint-{step}` atomically (to a temporary folder, then renamed)."""
+    """Write `out_dir/checkpoint-{step}` atomically (to a temporary folder, then renamed).
+
+    Every process calls this. The main process writes the HF directories and `trainer_state.pt`;
+    the others only their RNG state, and under FSDP their shard of the optimizer state.
+    """
+    dist = run.dist
     final = checkpoint_dir(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    export_pretrained(dist, run.policy if dist.fsdp else run.model, tmp)
     for name, extra in (extra_models or {}).items():  # each a standard model dir of its own
-        extra.save_pretrained(tmp / name)
-        processor.save_pretrained(tmp / name)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data": data.state_dict(),
-        "rng": _rng_state(),
-        "extra": extra_state or {},
-    }
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+        export_pretrained(dist, extra, tmp / name)
+        if dist.is_main:
+            run.processor.save_pretrained(tmp / name)
+    if dist.fsdp:
+        save_sharded_optimizer(run.policy, run.optimizer, tmp / SHARDED_OPTIMIZER)
+    if dist.rank > 0:
+        torch.save(_rng_state(), tmp / RANK_RNG_FILE.format(rank=dist.rank))
+    if dist.is_main:
+        run.processor.save_pretrained(tmp)
+        state = {
+            "step": step,
+            "optimizer": None if dist.fsdp else run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "data": run.data.state_dict(),
+            "rng": _rng_state(),
+            "extra": extra_state or {},
+            "processes": dist.world,
+        }
+        torch.save(state, tmp / STATE_FILE)
+    dist.barrier()
+    if dist.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    dist.barrier()
     return final
 
 
@@ -236,18 +278,20 @@ def last_checkpoint(out_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
-def load_trainer_state(
-    ckpt: Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    data: DataIterator,
-) -> dict[str, Any]:
+def load_trainer_state(run: "Run", ckpt: Path) -> dict[str, Any]:
     """Restore optimizer, scheduler, data order and RNG from a checkpoint; return the full state."""
     state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    data.load_state_dict(state["data"])
-    _set_rng_state(state["rng"])
+    if state["optimizer"] is None:  # written under FSDP: one shard per process
+        if not run.dist.fsdp:
+            raise ValueError(f"{ckpt}: its optimizer state is sharded (FSDP); resume it under FSDP too")
+        load_sharded_optimizer(run.policy, run.optimizer, Path(ckpt) / SHARDED_OPTIMIZER)
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.data.load_state_dict(state["data"])
+    own = Path(ckpt) / RANK_RNG_FILE.format(rank=run.dist.rank)
+    rng = state["rng"] if run.dist.rank == 0 or not own.exists() else torch.load(own, weights_only=False)
+    _set_rng_state(rng)
     return state
 
 
@@ -269,8 +313,12 @@ class MetricsLogger:
 
     def __init__(
         self, out_dir: Path, total_steps: int, start_step: int = 0, tensorboard: bool = True, progress: bool = True,
-        show: Sequence[str] = ("loss",),
+        show: Sequence[str] = ("loss",), enabled: bool = True,
     ) -> None:
+        self.enabled = enabled  # False on all processes but the main one: they log nothing
+        self.writer = self.progress = None
+        if not enabled:
+            return
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
@@ -302,6 +350,8 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:
@@ -349,6 +399,19 @@ class Rollout:
     finish_reason: str
 
 
+PADDING = "padding"  # finish_reason of a placeholder rollout: a zero-weight micro-batch (train/distributed.py)
+
+
+def padding_rollout(run: "Run") -> Rollout:
+    """A one-token placeholder under the first prompt, for a process with fewer micro-batches than
+    the others: it runs the same passes and contributes nothing (its loss is multiplied by 0)."""
+    return Rollout(0, [end_of_turn_id(run.model, run.processor)], None, "", PADDING)
+
+
+def is_padding(rollouts: Sequence[Rollout]) -> bool:
+    return len(rollouts) == 1 and rollouts[0].finish_reason == PADDING
+
+
 @dataclass
 class RolloutBatch:
     rollouts: list[Rollout] = field(default_factory=list)
@@ -384,16 +447,19 @@ def rollout(
     banned_ids: Sequence[int],
     model: nn.Module | None = None,
     autocast_ctx: contextlib.AbstractContextManager | None = None,
+    policy: nn.Module | None = None,
 ) -> RolloutBatch:
     """Sample `params.n` responses per conversation with the policy; drop unusable ones.
 
-    `model` (the policy inside the engine) is put in eval mode for sampling and back in train mode after.
+    `model` (the policy inside the engine) is put in eval mode for sampling and back in train mode
+    after; `policy` (its training wrapper) has its parameters gathered meanwhile when FSDP shards them.
     """
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
     try:
-        with torch.no_grad(), (autocast_ctx or contextlib.nullcontext()):
+        gathered = gathered_for_generation(policy) if policy is not None else contextlib.nullcontext()
+        with torch.no_grad(), gathered, (autocast_ctx or contextlib.nullcontext()):
             generations = engine.generate(list(conversations), params)
     finally:
         if model is not None and was_training:
@@ -401,27 +467,37 @@ def rollout(
     return filter_generations(generations, banned_ids)
 
 
-def sampling_params(cfg: Any, step: int) -> SamplingParams:
+def sampling_params(cfg: Any, step: int, rank: int = 0) -> SamplingParams:
     """The rollout sampling of one step (`cfg` has n, temperature, top_p, max_new_tokens, seed).
-    The seed is a pure function of the step, so a resumed run samples what the straight run did."""
+    The seed is a pure function of the step (and of the process, which samples its own prompts),
+    so a resumed run samples what the straight run did."""
     return SamplingParams(
         n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-        seed=cfg.seed * 1_000_003 + step,
+        seed=cfg.seed * 1_000_003 + step + rank * 2**32,
     )
 
 
-def rollout_counts(rb: RolloutBatch) -> dict[str, float]:
-    return {"dropped": float(rb.dropped), "dropped_vision": float(rb.dropped_vision), "rollouts": float(rb.total)}
+def rollout_counts(rb: RolloutBatch, dist: Dist | None = None) -> dict[str, float]:
+    """Dropped and sampled rollouts (summed over processes when `dist` is given)."""
+    counts = {"dropped": float(rb.dropped), "dropped_vision": float(rb.dropped_vision), "rollouts": float(rb.total)}
+    return dist.sum(counts) if dist is not None else counts
 
 
-def response_stats(rollouts: Sequence[Rollout]) -> dict[str, float]:
-    """Token count, mean and max response length, and the share cut at max_new_tokens."""
+def response_stats(rollouts: Sequence[Rollout], dist: Dist | None = None) -> dict[str, float]:
+    """Token count, mean and max response length, and the share cut at max_new_tokens (over all
+    processes when `dist` is given)."""
     lengths = [len(r.token_ids) for r in rollouts]
+    sums = {"tokens": float(sum(lengths)), "n": float(len(lengths)),
+            "truncated": float(sum(r.finish_reason == "length" for r in rollouts))}
+    longest = {"max": float(max(lengths, default=0))}
+    if dist is not None:
+        sums, longest = dist.sum(sums), dist.max(longest)
+    n = max(sums["n"], 1.0)
     return {
-        "tokens": float(sum(lengths)),
-        "response_len": sum(lengths) / len(lengths),
-        "response_len_max": float(max(lengths)),
-        "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(lengths),
+        "tokens": sums["tokens"],
+        "response_len": sums["tokens"] / n,
+        "response_len_max": longest["max"],
+        "truncated": sums["truncated"] / n,
     }
 
 
@@ -440,7 +516,7 @@ def sampled_logprobs(
     autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
     """Log-probs of the response tokens under `model` ([N], no grad): the "old" policy of a
-    several-update step, or a reference model."""
+    several-update step, or a reference model. `model` may be a training wrapper (`run.policy`)."""
     with autocast_ctx():
         h = response_hidden(model, batch)
         return chunked_logprobs(h, lm_head(model), batch.targets, temperature, chunk_size)
@@ -487,27 +563,34 @@ class Run:
 
     device: torch.device
     dtype: torch.dtype  # autocast compute dtype
-    model: nn.Module  # fp32 weights, train mode
+    model: nn.Module  # the HF model: fp32 weights, train mode (under FSDP its parameters are shards)
     processor: Any
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper around AdamW
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    data: DataIterator
+    data: DataIterator  # gives this process's slice of each batch
     samples: list[Sample]
     start_step: int
     resumed_from: Path | None
     extra_state: dict[str, Any]
+    policy: nn.Module  # what training forwards go through: a ResponseModel around `model` (in DDP, or sharded)
+    dist: Dist  # this process among the training processes (one, without a launcher)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        self.dist.accelerator.backward(loss)
+
 
 def start_run(cfg: Any) -> Run:
     """Seed, read the data, load the policy (from the last checkpoint when `cfg.resume`), build the
-    optimizer and scheduler, and restore their state when resuming. `cfg` is a `TrainConfig`."""
+    optimizer and scheduler, hand the policy and optimizer to accelerate (DDP or FSDP when launched
+    on several processes), and restore their state when resuming. `cfg` is a `TrainConfig`."""
     from zoomless.models.loading import load_vlm
     from zoomless.train.screening import make_data, read_training_samples
 
-    device = pick_device(cfg.device)
+    dist = Dist(make_accelerator(cfg.device, cfg.dtype))
+    device = dist.accelerator.device
     dtype = compute_dtype(cfg.dtype, device)
     seed_everything(cfg.seed)
     samples, sources = read_training_samples(cfg.data)
@@ -518,16 +601,21 @@ def start_run(cfg: Any) -> Run:
     model.requires_grad_(True)
     model.train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    # not handed to accelerate, which would step it once per process: the global batch, and so
+    # the number of optimizer steps, are the single-process run's
     scheduler = warmup_constant_schedule(optimizer, cfg.warmup_steps)
-    data = make_data(cfg, samples, sources, resume=ckpt is not None)  # the order, minus bad samples
-    start_step, extra = 0, {}
+    policy, optimizer = prepare_policy(dist, model, optimizer)
+    data = make_data(cfg, samples, sources, resume=ckpt is not None, main=dist.is_main)  # the order, minus bad samples
+    data.shard(dist.rank, dist.world)
+    run = Run(device, dtype, model, processor, optimizer, scheduler, data, samples, 0, ckpt, {}, policy, dist)
     if ckpt is not None:
-        state = load_trainer_state(ckpt, optimizer, scheduler, data)
-        start_step, extra = int(state["step"]), state.get("extra", {})
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))  # what this run was asked to do
-    return Run(device, dtype, model, processor, optimizer, scheduler, data, samples, start_step, ckpt, extra)
+        state = load_trainer_state(run, ckpt)
+        run.start_step, run.extra_state = int(state["step"]), state.get("extra", {})
+    if dist.is_main:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))  # what this run was asked to do
+    return run
 
 
 def should_save(step: int, max_steps: int, save_every: int) -> bool:
@@ -540,8 +628,10 @@ StepFn = Callable[[int, Timer], dict[str, float]]
 def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_models: dict[str, nn.Module] | None = None) -> Path:
     """The loop every recipe shares: `step_fn(step, timer)` from the start step to max_steps, with
     metrics (plus seconds per phase) logged every `log_every` steps and checkpoints every
-    `save_every` and at the end. Returns the final checkpoint directory."""
-    logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=show)
+    `save_every` and at the end (only the main process writes). Returns the final checkpoint directory."""
+    logger = MetricsLogger(
+        cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=show, enabled=run.dist.is_main
+    )
     final = None
     try:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
@@ -556,9 +646,7 @@ def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_m
             else:
                 logger.advance(step)
             if should_save(step, cfg.max_steps, cfg.save_every):
-                final = save_checkpoint(
-                    cfg.out_dir, step, run.model, run.processor, run.optimizer, run.scheduler, run.data, extra_models
-                )
+                final = save_checkpoint(run, cfg.out_dir, step, extra_models)
     finally:
         logger.close()
     return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run

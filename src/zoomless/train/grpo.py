@@ -32,6 +32,8 @@ from zoomless.train.common import (
     chunks,
     clip_and_step,
     hf_engine,
+    is_padding,
+    padding_rollout,
     response_stats,
     rollout,
     rollout_batch,
@@ -43,6 +45,7 @@ from zoomless.train.common import (
     view_conversation,
 )
 from zoomless.train.config import GRPOConfig
+from zoomless.train.distributed import shard_like_policy
 from zoomless.train.losses import (
     chunked_logprobs,
     grpo_advantages,
@@ -123,7 +126,7 @@ def policy_loss(
     if cfg.objective == "hybrid":  # one student forward gives both the JSD and the sampled log-probs
         tb = rollout_batch(run, teacher_prompts, u.rollouts)
         out = distill_tokens(
-            run.model, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
+            run.policy, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
             chunk_size=cfg.logits_chunk_size, autocast_ctx=run.autocast, timer=timer,
         )
         logp, jsd = out.logp, out.jsd
@@ -132,8 +135,8 @@ def policy_loss(
         sums.update(jsd_sum=float(out.jsd.detach().sum()), agree_sum=float(out.agree.sum()))
     else:
         with timer("student"), run.autocast():
-            hidden = response_hidden(run.model, sb)
-            logp = chunked_logprobs(hidden, lm_head(run.model), sb.targets, cfg.temperature, cfg.logits_chunk_size)
+            hidden = response_hidden(run.policy, sb)
+            logp = chunked_logprobs(hidden, lm_head(run.policy), sb.targets, cfg.temperature, cfg.logits_chunk_size)
     with timer("student"):
         old = logp.detach() if u.old_logp is None else u.old_logp
         ones = torch.ones_like(logp)
@@ -145,11 +148,13 @@ def policy_loss(
             kl = k3_kl(logp, u.ref_logp)
             loss = loss + cfg.kl_coef * masked_token_mean(kl, ones, denominator)
             sums["kl_sum"] = float(kl.detach().sum())
-        loss.backward()
+        if is_padding(u.rollouts):  # a placeholder pass (train/distributed.py): no gradient, nothing logged
+            loss = loss * 0.0
+        run.backward(loss)
     n = float(sb.num_tokens)
     sums["pg_sum"] = float(pg.detach()) * denominator
     sums.update({f"{k}_sum": v * n for k, v in stats.items()})
-    return sums
+    return {k: 0.0 for k in sums} if is_padding(u.rollouts) else sums
 
 
 def split_mini_batches(rollouts: list[Rollout], parts: int) -> list[list[Rollout]]:
@@ -172,6 +177,44 @@ def plan_updates(
     return [[update(mb) for mb in chunks(mini, micro_batch_size)] for mini in split_mini_batches(rollouts, mini_batches)]
 
 
+def even_plan(run: Run, plan: list[list[Update]]) -> list[list[Update]]:
+    """The plan padded with zero-weight micro-batches to the most mini-batches, and the most
+    micro-batches in each, over processes: every process then runs the same passes and optimizer
+    steps (`train/distributed.py`). Mini-batch k is the union of every process's k-th."""
+    dist = run.dist
+    if dist.world == 1:
+        return plan
+    minis = int(dist.max({"minis": float(len(plan))})["minis"])
+    plan = plan + [[] for _ in range(minis - len(plan))]
+    widths = dist.max({str(k): float(len(mini)) for k, mini in enumerate(plan)})
+    return [
+        mini + [Update([padding_rollout(run)], torch.zeros(1)) for _ in range(int(widths[str(k)]) - len(mini))]
+        for k, mini in enumerate(plan)
+    ]
+
+
+def real_tokens(mini: Sequence[Update]) -> float:
+    return float(sum(u.advantages.numel() for u in mini if not is_padding(u.rollouts)))
+
+
+MEAN_OVER_SCORED = ("reward", "reward/accuracy")  # reward_metrics averages these over scored responses
+MEAN_OVER_ALL = ("reward/format", "reward/capped", "reward/by_rules")  # and these over all; the rest are counts
+
+
+def reward_metrics_over_processes(run: Run, metrics: dict[str, float], rewards: Sequence) -> dict[str, float]:
+    """`rewards.reward_metrics` over every process's responses: means weighted by counts, counts summed."""
+    if run.dist.world == 1:
+        return metrics
+    n, k = float(len(rewards)), float(sum(r.total is not None for r in rewards))
+
+    def weight(key: str, scored: float, every: float) -> float:
+        return scored if key in MEAN_OVER_SCORED else every if key in MEAN_OVER_ALL else 1.0
+
+    sums = run.dist.sum({**{key: v * weight(key, k, n) for key, v in metrics.items()}, "_n": n, "_k": k})
+    n, k = max(sums.pop("_n"), 1.0), max(sums.pop("_k"), 1.0)
+    return {key: v / weight(key, k, n) for key, v in sums.items()}
+
+
 def grpo_step(
     cfg: GRPOConfig,
     run: Run,
@@ -188,24 +231,31 @@ def grpo_step(
     with timer("prompts"):
         convs = [view_conversation(s, cfg.student_view, **view) for s in batch]
     with timer("rollout"):
-        rb = rollout(engine, convs, sampling_params(cfg, step), banned_ids, model=run.model, autocast_ctx=run.autocast())
-    metrics: dict[str, float] = rollout_counts(rb)
+        rb = rollout(
+            engine, convs, sampling_params(cfg, step, run.dist.rank), banned_ids, model=run.model,
+            autocast_ctx=run.autocast(), policy=run.policy,
+        )
+    metrics: dict[str, float] = rollout_counts(rb, run.dist)
     with timer("reward"):
         rewards, reward_metrics = score_responses(
             [batch[r.prompt_index] for r in rb.rollouts], [r.text for r in rb.rollouts], cfg.form,
             format_weight=cfg.format_weight, max_answer_chars=cfg.max_answer_chars, judge=judge,
         )
-    metrics.update(reward_metrics)
+    metrics.update(reward_metrics_over_processes(run, reward_metrics, rewards))
     all_adv = rollout_advantages(rb.rollouts, [r.total for r in rewards], len(batch), cfg.normalize_std)
     rollouts = [r for r, a in zip(rb.rollouts, all_adv) if a is not None]
     advantages = [a for a in all_adv if a is not None]
-    if not rollouts:  # nothing sampled or nothing rewarded: no update
-        metrics.update(tokens=0.0, skipped=1.0)
-        return metrics
     groups = {r.prompt_index for r in rollouts}
     signal = {r.prompt_index for r, a in zip(rollouts, advantages) if a != 0.0}
-    metrics["zero_adv_groups"] = 1.0 - len(signal) / len(groups)  # groups whose rewards were all equal
-    metrics["advantage_abs"] = sum(abs(a) for a in advantages) / len(advantages)
+    counts = run.dist.sum({  # over all processes (groups never span processes: a prompt's rollouts stay on one)
+        "rollouts": float(len(rollouts)), "tokens": float(sum(len(r.token_ids) for r in rollouts)),
+        "groups": float(len(groups)), "signal": float(len(signal)), "advantage_abs": sum(abs(a) for a in advantages),
+    })
+    if counts["rollouts"] == 0:  # nothing sampled or nothing rewarded: no update
+        metrics.update(tokens=0.0, skipped=1.0)
+        return metrics
+    metrics["zero_adv_groups"] = 1.0 - counts["signal"] / counts["groups"]  # groups whose rewards were all equal
+    metrics["advantage_abs"] = counts["advantage_abs"] / counts["rollouts"]
 
     with timer("prompts"):
         student_prompts = [encode_prompt(run.processor, c) for c in convs]
@@ -213,34 +263,37 @@ def grpo_step(
         if cfg.objective == "hybrid":
             teacher_prompts = [encode_prompt(run.processor, view_conversation(s, cfg.teacher_view, **view)) for s in batch]
 
-    plan = plan_updates(rollouts, advantages, cfg.mini_batches, cfg.micro_batch_size)
+    plan = even_plan(run, plan_updates(rollouts, advantages, cfg.mini_batches, cfg.micro_batch_size))
     off_policy = cfg.updates_per_batch * len(plan) > 1  # later updates need the sampling policy's log-probs
     if off_policy or reference is not None:
         with timer("old_logp"):
             for u in (u for mini in plan for u in mini):
                 b = rollout_batch(run, student_prompts, u.rollouts)
                 if off_policy:
-                    u.old_logp = sampled_logprobs(run.model, b, cfg.temperature, cfg.logits_chunk_size, run.autocast)
+                    u.old_logp = sampled_logprobs(run.policy, b, cfg.temperature, cfg.logits_chunk_size, run.autocast)
                 if reference is not None:
                     u.ref_logp = sampled_logprobs(reference, b, cfg.temperature, cfg.logits_chunk_size, run.autocast)
 
     metrics["lr"] = run.optimizer.param_groups[0]["lr"]
+    mini_tokens = run.dist.sum({str(k): real_tokens(mini) for k, mini in enumerate(plan)})
     passes, norms, skipped = [], [], 0
     for _ in range(cfg.updates_per_batch):
         sums: dict[str, float] = {}
-        for mini in plan:
-            denominator = float(sum(u.advantages.numel() for u in mini))
-            for u in mini:
-                for k, v in policy_loss(cfg, run, teacher, student_prompts, teacher_prompts, u, denominator, timer).items():
-                    sums[k] = sums.get(k, 0.0) + v
+        for k, mini in enumerate(plan):
+            denominator = run.dist.denominator(mini_tokens[str(k)])
+            for j, u in enumerate(mini):
+                with run.dist.grad_sync(run.policy, sync=j == len(mini) - 1):
+                    out = policy_loss(cfg, run, teacher, student_prompts, teacher_prompts, u, denominator, timer)
+                for key, v in out.items():
+                    sums[key] = sums.get(key, 0.0) + v
             with timer("step"):
                 norm, applied = take_step(cfg, run, teacher)
             norms.append(norm)
             skipped += not applied
         passes.append(sums)
     # the loss and divergence as sampled (first pass); clipping where it acts (last pass)
-    first, last = passes[0], passes[-1]
-    total = float(sum(len(r.token_ids) for r in rollouts))
+    first, last = run.dist.sum(passes[0]), run.dist.sum(passes[-1])
+    total = counts["tokens"]
     metrics["pg_loss"] = first["pg_sum"] / total
     for k in PPO_STATS:  # where clipping acts: the last pass
         metrics[k] = last[f"{k}_sum"] / total
@@ -249,7 +302,7 @@ def grpo_step(
     if cfg.objective == "hybrid":
         metrics["jsd"] = first["jsd_sum"] / total
         metrics["agreement"] = first["agree_sum"] / total
-    metrics.update(response_stats(rollouts))
+    metrics.update(response_stats(rollouts, run.dist))
     metrics.update(grad_norm=sum(norms) / len(norms), skipped=float(skipped))
     return metrics
 
@@ -258,16 +311,17 @@ def take_step(cfg: GRPOConfig, run: Run, teacher: nn.Module | None) -> tuple[flo
     """The optimizer step; in the hybrid, OPD's (which also moves the EMA teacher)."""
     if teacher is not None:
         return optimizer_step(cfg, run, teacher)
-    return clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
+    return clip_and_step(run, cfg.grad_clip)
 
 
 def load_reference(cfg: GRPOConfig, run: Run) -> nn.Module:
-    """The frozen starting model for the KL term (from `model_dir`, also when resuming)."""
+    """The frozen starting model for the KL term (from `model_dir`, also when resuming); under
+    FSDP sharded like the student."""
     from zoomless.models.loading import load_vlm
 
-    model, _ = load_vlm(cfg.model_dir, dtype=torch.float32, device=run.device)
+    model, _ = load_vlm(cfg.model_dir, dtype=torch.float32, device="cpu" if run.dist.fsdp else run.device)
     model.requires_grad_(False)
-    return model.eval()
+    return shard_like_policy(run.dist, model.eval())
 
 
 def train_grpo(cfg: GRPOConfig, make_engine: EngineFactory | None = None, judge: Judge | None = None) -> Path:

@@ -28,9 +28,10 @@ from zoomless.train.common import (
     Rollout,
     Run,
     Timer,
-    chunks,
     clip_and_step,
     hf_engine,
+    is_padding,
+    padding_rollout,
     response_stats,
     rollout,
     rollout_batch,
@@ -42,6 +43,7 @@ from zoomless.train.common import (
     view_conversation,
 )
 from zoomless.train.config import OPDConfig
+from zoomless.train.distributed import even_micro_batches, reshard, shard_like_policy, unwrap
 from zoomless.train.ema import ema_update_, make_teacher
 from zoomless.train.losses import chunked_map, gather_logprobs, topk_generalized_jsd, topk_ids, truncated_is_weights
 from zoomless.train.screening import screen_samples
@@ -117,30 +119,35 @@ def distill_micro_batch(
     timer: Timer,
     old_logp: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Distill one micro-batch and backprop sum(weighted JSD) / denominator; return the sums to log."""
+    """Distill one micro-batch and backprop sum(weighted JSD) / denominator; return the sums to log.
+    A padding micro-batch (`is_padding`) runs the same passes with weight 0."""
     sb = rollout_batch(run, student_prompts, rollouts)
     tb = rollout_batch(run, teacher_prompts, rollouts)
     out = distill_tokens(
-        run.model, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
+        run.policy, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
         chunk_size=cfg.logits_chunk_size, autocast_ctx=run.autocast, timer=timer,
     )
     weights = None
     if old_logp is not None and cfg.is_clip is not None:
         weights = truncated_is_weights(out.logp, old_logp, cfg.is_clip)
     per_token = out.jsd if weights is None else out.jsd * weights
+    loss = per_token.sum() / denominator
+    if is_padding(rollouts):
+        loss = loss * 0.0
     with timer("student"):
-        (per_token.sum() / denominator).backward()
-    return {
+        run.backward(loss)
+    sums = {
         "jsd_sum": float(out.jsd.detach().sum()),
         "agree_sum": float(out.agree.sum()),
         "is_weight_sum": float(weights.sum()) if weights is not None else float(sb.num_tokens),
     }
+    return {k: 0.0 for k in sums} if is_padding(rollouts) else sums
 
 
 def student_logprobs(cfg: OPDConfig, run: Run, prompts: list[PromptEncoding], rollouts: list[Rollout]) -> torch.Tensor:
     """Sampled-token log-probs under the current student (the "old" policy for IS weights)."""
     b = rollout_batch(run, prompts, rollouts)
-    return sampled_logprobs(run.model, b, cfg.temperature, cfg.logits_chunk_size, run.autocast)
+    return sampled_logprobs(run.policy, b, cfg.temperature, cfg.logits_chunk_size, run.autocast)
 
 
 def view_kwargs(cfg: OPDConfig) -> dict[str, Any]:
@@ -148,22 +155,31 @@ def view_kwargs(cfg: OPDConfig) -> dict[str, Any]:
 
 
 def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """The distillation teacher (restored from the checkpoint when resuming) and the extra models
-    a checkpoint must hold for it (none when the live student is the teacher)."""
+    """The distillation teacher as `distill_tokens` runs it (restored from the checkpoint when
+    resuming) and the extra models a checkpoint must hold for it (none when the live student is
+    the teacher). Under FSDP an EMA or frozen teacher is sharded like the student (read from disk:
+    the student's starting weights, or the checkpoint's teacher), not copied from its shards."""
     from zoomless.models.loading import load_vlm
 
-    init = None
-    if run.resumed_from is not None and cfg.teacher != "student":
-        init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=run.device)
-    teacher = make_teacher(run.model, cfg.teacher, init=init)
-    return teacher, ({"teacher": teacher} if teacher is not run.model else {})
+    if cfg.teacher == "student":  # under FSDP the student runs through its sharded wrapper
+        return (run.policy if run.dist.fsdp else run.model), {}
+    init, where = None, "cpu" if run.dist.fsdp else run.device  # fully_shard moves each shard to its GPU
+    if run.resumed_from is not None:
+        init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=where)
+    elif run.dist.fsdp:
+        init, _ = load_vlm(cfg.model_dir, dtype=torch.float32, device=where)
+    teacher = shard_like_policy(run.dist, init) if run.dist.fsdp else make_teacher(run.model, cfg.teacher, init=init)
+    return teacher, {"teacher": teacher}
 
 
 def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float, bool]:
-    """Clip and apply the accumulated gradients; then the EMA teacher moves towards the student."""
-    norm, applied = clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
+    """Clip and apply the accumulated gradients; then the EMA teacher moves towards the student
+    (under FSDP, shard by shard: both are sharded with the same plan)."""
+    norm, applied = clip_and_step(run, cfg.grad_clip)
     if applied and cfg.teacher == "ema":
-        ema_update_(teacher, run.model, cfg.ema_rate)
+        if run.dist.fsdp:
+            reshard(teacher)  # its forward leaves the root and the head gathered
+        ema_update_(unwrap(teacher), run.model, cfg.ema_rate)
     return norm, applied
 
 
@@ -175,10 +191,13 @@ def opd_step(
     with timer("prompts"):
         student_convs = [view_conversation(s, cfg.student_view, **view) for s in batch]
     with timer("rollout"):
-        params = sampling_params(cfg, step)
-        rb = rollout(engine, student_convs, params, banned_ids, model=run.model, autocast_ctx=run.autocast())
-    metrics: dict[str, float] = rollout_counts(rb)
-    if not rb.rollouts:  # nothing to distill: no update, the teacher stays as it is
+        params = sampling_params(cfg, step, run.dist.rank)
+        rb = rollout(
+            engine, student_convs, params, banned_ids, model=run.model, autocast_ctx=run.autocast(), policy=run.policy
+        )
+    metrics: dict[str, float] = rollout_counts(rb, run.dist)
+    total = run.dist.sum({"tokens": float(sum(len(r.token_ids) for r in rb.rollouts))})["tokens"]  # all processes
+    if total == 0:  # nothing to distill: no update, the teacher stays as it is
         metrics.update(tokens=0.0, skipped=1.0)
         return metrics
     with timer("prompts"):
@@ -186,34 +205,39 @@ def opd_step(
         teacher_prompts = [
             encode_prompt(run.processor, view_conversation(s, cfg.teacher_view, **view)) for s in batch
         ]
-    total = float(sum(len(r.token_ids) for r in rb.rollouts))
-    micro = [list(mb) for mb in chunks(rb.rollouts, cfg.micro_batch_size)]
+    micro = even_micro_batches(run.dist, rb.rollouts, cfg.micro_batch_size, padding_rollout(run))
     old = None
     if cfg.is_clip is not None and cfg.updates_per_batch > 1:
         with timer("student"):
             old = [student_logprobs(cfg, run, student_prompts, mb) for mb in micro]
 
-    sums, norms, skipped = [], [], 0
+    sums, norms, skipped = {}, [], 0
     for update in range(cfg.updates_per_batch):
         totals = {"jsd_sum": 0.0, "agree_sum": 0.0, "is_weight_sum": 0.0}
         for j, mb in enumerate(micro):
             weights_from = old[j] if old is not None and update > 0 else None  # update 0 is on-policy: r = 1
-            out = distill_micro_batch(cfg, run, teacher, student_prompts, teacher_prompts, mb, total, timer, weights_from)
+            with run.dist.grad_sync(run.policy, sync=j == len(micro) - 1):
+                out = distill_micro_batch(
+                    cfg, run, teacher, student_prompts, teacher_prompts, mb, run.dist.denominator(total), timer,
+                    weights_from,
+                )
             for k in totals:
                 totals[k] += out[k]
         if update == 0:
             metrics["lr"] = run.optimizer.param_groups[0]["lr"]
         with timer("step"):
             norm, applied = optimizer_step(cfg, run, teacher)
-        sums.append(totals)
+        sums.update({f"{update}/{k}": v for k, v in totals.items()})
         norms.append(norm)
         skipped += not applied
+    sums = run.dist.sum(sums)
+    last = cfg.updates_per_batch - 1
     # the divergence and agreement as sampled (first update); IS weights where they act (last update)
-    metrics["jsd"] = sums[0]["jsd_sum"] / total
-    metrics["agreement"] = sums[0]["agree_sum"] / total
+    metrics["jsd"] = sums["0/jsd_sum"] / total
+    metrics["agreement"] = sums["0/agree_sum"] / total
     if old is not None:
-        metrics["is_weight"] = sums[-1]["is_weight_sum"] / total
-    metrics.update(response_stats(rb.rollouts))
+        metrics["is_weight"] = sums[f"{last}/is_weight_sum"] / total
+    metrics.update(response_stats(rb.rollouts, run.dist))
     metrics.update(grad_norm=sum(norms) / len(norms), skipped=float(skipped))
     return metrics
 

@@ -159,8 +159,9 @@ class ScreenedData(DataIterator):
             self.good.add(i)
         return True
 
-    def next_batch(self) -> list[int]:
-        batch = [i for i in super().next_batch() if self._usable(i)]
+    def global_batch(self) -> list[int]:
+        # every process screens the whole global batch, so all of them top it up the same way
+        batch = [i for i in super().global_batch() if self._usable(i)]
         while len(batch) < self.batch_size:
             if len(self.screen.bad) >= self.n_items:
                 raise BadSampleError(f"all {self.n_items} samples are bad; see {self.screen.log_path}")
@@ -175,12 +176,15 @@ class ScreenedData(DataIterator):
         self.screen.restore(state.get("bad", []))
 
 
-def make_data(cfg: Any, samples: Sequence[Sample], sources: Sequence[str], resume: bool) -> ScreenedData:
-    """The run's screened data order; a fresh run starts a fresh bad-sample log."""
+def make_data(
+    cfg: Any, samples: Sequence[Sample], sources: Sequence[str], resume: bool, main: bool = True
+) -> ScreenedData:
+    """The run's screened data order; a fresh run starts a fresh bad-sample log. Only the main
+    process (`main`) writes the log; the others find the same bad samples and keep them in memory."""
     path = Path(cfg.out_dir) / BAD_SAMPLES_FILE
-    if not resume:
+    if main and not resume:
         path.unlink(missing_ok=True)
-    screen = SampleScreen(cfg.on_bad_sample, sources, path)
+    screen = SampleScreen(cfg.on_bad_sample, sources, path if main else None)
     return ScreenedData(samples, cfg.batch_size, cfg.seed, screen)
 
 

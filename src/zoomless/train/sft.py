@@ -108,29 +108,34 @@ def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer, pool: Any = None
     eos = end_of_turn_id(run.model, run.processor)
     batch = [run.samples[i] for i in run.data.next_batch()]
     with timer("data"):
-        jobs = [(s, pick_view(cfg.view, cfg.seed, step, i)) for i, s in enumerate(batch)]
+        # i: the sample's index in the global batch (this process's slice starts at run.data.offset)
+        jobs = [(s, pick_view(cfg.view, cfg.seed, step, i)) for i, s in enumerate(batch, run.data.offset)]
         if pool is None:
             encoded = [encode_example(run.processor, cfg, s, view, eos) for s, view in jobs]
         else:
             encoded = pool.map(_encode_in_worker, jobs, chunksize=max(1, len(jobs) // (4 * cfg.data_workers)))
         prompts = [p for p, _ in encoded]
         responses = [r for _, r in encoded]
-    total_tokens = sum(len(r) for r in responses)
+    total_tokens = run.dist.sum({"tokens": float(sum(len(r) for r in responses))})["tokens"]  # over all processes
     head = lm_head(run.model)
     loss_sum = 0.0
+    micro = list(chunks(range(len(batch)), cfg.micro_batch_size))
     with timer("forward_backward"):
-        for idx in chunks(range(len(batch)), cfg.micro_batch_size):
+        for j, idx in enumerate(micro):
             tf = build_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id(run.processor)).to(run.device)
-            with run.autocast():
-                hidden = response_hidden(run.model, tf)
-            logp = chunked_logprobs(hidden, head, tf.targets, chunk_size=cfg.logits_chunk_size)
-            loss = -logp.sum() / total_tokens  # backprop per micro-batch, global token-mean denominator
-            loss.backward()
+            with run.dist.grad_sync(run.policy, sync=j == len(micro) - 1):  # DDP reduces after the last one
+                with run.autocast():
+                    hidden = response_hidden(run.policy, tf)
+                logp = chunked_logprobs(hidden, head, tf.targets, chunk_size=cfg.logits_chunk_size)
+                # backprop per micro-batch, global token-mean denominator (train/distributed.py)
+                loss = -logp.sum() / run.dist.denominator(total_tokens)
+                run.backward(loss)
             loss_sum += loss.item()
+    loss_sum = run.dist.sum({"loss": loss_sum})["loss"] / run.dist.world
     lr = run.optimizer.param_groups[0]["lr"]
     with timer("step"):
-        grad_norm, applied = clip_and_step(run.model, run.optimizer, run.scheduler, cfg.grad_clip)
-    return {"loss": loss_sum, "tokens": float(total_tokens), "grad_norm": grad_norm, "skipped": float(not applied), "lr": lr}
+        grad_norm, applied = clip_and_step(run, cfg.grad_clip)
+    return {"loss": loss_sum, "tokens": total_tokens, "grad_norm": grad_norm, "skipped": float(not applied), "lr": lr}
 
 
 def train_sft(cfg: SFTConfig) -> Path:
@@ -142,7 +147,10 @@ def train_sft(cfg: SFTConfig) -> Path:
         run, check=lambda s: (check_views([s], cfg.view), target_text(s, cfg.form)),
         probe=lambda s: [view_conversation(s, v, cfg.form, **view) for v in views],
     )
-    logger = MetricsLogger(cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=("loss",))
+    logger = MetricsLogger(
+        cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=("loss",),
+        enabled=run.dist.is_main,
+    )
     final = None
     try:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
@@ -155,7 +163,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             else:
                 logger.advance(step)
             if should_save(step, cfg.max_steps, cfg.save_every):
-                final = save_checkpoint(cfg.out_dir, step, run.model, run.processor, run.optimizer, run.scheduler, run.data)
+                final = save_checkpoint(run, cfg.out_dir, step)
     finally:
         logger.close()
     return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run

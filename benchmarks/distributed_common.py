@@ -1,0 +1,178 @@
+"""What the two data-parallel benchmarks share: model shapes, a fixed-rollout engine, the data, and
+launching this script again under `accelerate launch` on N processes.
+
+Imported by benchmarks/distributed_check.py and benchmarks/distributed_throughput.py (the script's
+folder is on sys.path, also under `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from zoomless.engines.base import Generation
+
+ROOT = Path(__file__).resolve().parents[1]
+# The real Qwen2.5-VL-3B sizes (config.json of the released checkpoint), randomly initialised.
+QWEN25_VL_3B = dict(
+    vocab=151936, vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
+    fullatt_blocks=[7, 15, 23, 31], text_layers=36, text_hidden=2048, text_heads=16, text_kv_heads=2,
+    text_intermediate=11008, tie_embeddings=True,
+)
+SHAPES = ("test", "small", "base", "qwen2.5-vl-3b")
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def build_model(out: Path, shape: str, seed: int = 0) -> Path:
+    """A randomly initialised Qwen2.5-VL directory of `shape` (a tiny size, or the real 3B sizes),
+    with the offline tokenizer and processor; reused when it already exists."""
+    from zoomless.models import tiny
+
+    if (out / "config.json").exists():
+        return out
+    if shape != "qwen2.5-vl-3b":
+        return tiny.build_tiny_vlm(out, family="qwen2_5_vl", size=shape, seed=seed)
+    return build_3b_shaped(out, seed)
+
+
+def qwen25_vl_3b_config(tokenizer: Any) -> Any:
+    """The Qwen2.5-VL-3B architecture (sizes above) wired to `tokenizer`'s special token ids."""
+    from zoomless.models import tiny
+
+    s = QWEN25_VL_3B
+    size = tiny.TinySize(
+        s["vocab"], s["vision_depth"], s["vision_hidden"], s["vision_heads"], s["text_layers"], s["text_hidden"],
+        s["text_heads"], s["text_kv_heads"], s["text_intermediate"], tie_embeddings=s["tie_embeddings"],
+    )
+    tiny.SIZES.setdefault("qwen2.5-vl-3b", size)
+    config = tiny.make_config("qwen2_5_vl", "qwen2.5-vl-3b", tokenizer)
+    config.text_config.vocab_size = s["vocab"]  # rows past the tokenizer's length are never sampled
+    config.vision_config.intermediate_size = s["vision_intermediate"]
+    config.vision_config.fullatt_block_indexes = s["fullatt_blocks"]
+    return config
+
+
+def build_3b_shaped(out: Path, seed: int = 0) -> Path:
+    """Random Qwen2.5-VL-3B-shaped weights (initialised on the GPU when there is one, saved in bf16:
+    training loads them in fp32)."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from zoomless.models import tiny
+    from zoomless.models import tokenizer as tk
+
+    tokenizer = tk.build_tokenizer(4096)
+    processor = tiny.make_processor("qwen2_5_vl", tokenizer, 28 * 28 * 4, 896 * 896)
+    config = qwen25_vl_3b_config(tokenizer)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    eos, pad = tokenizer.convert_tokens_to_ids(tk.IM_END), tokenizer.convert_tokens_to_ids(tk.ENDOFTEXT)
+    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of a Qwen2.5-VL config, counted on the meta device (nothing allocated)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def build_data(out: Path, n: int, size: int, seed: int = 0) -> Path:
+    """`n` ZoomWorld samples at `size` pixels (reused when they exist)."""
+    from zoomless.world.generate import generate_split
+
+    path = out / "train.jsonl"
+    if path.exists():
+        return path
+    return generate_split(out, "train", n, seed=seed, size=size, progress=False)
+
+
+# ----------------------------------------------------------------------------- fixed rollouts
+
+
+class FixedEngine:
+    """Answers each conversation with `n` fixed responses derived from its question text: "The
+    answer is X." (X a letter drawn from the text, so GRPO rewards vary) followed by `length`
+    filler tokens. Any process asking about a prompt gets the same responses, so a batch split
+    over processes distills and rewards exactly what the whole batch does on one."""
+
+    name = "fixed"
+
+    def __init__(self, processor: Any, length: int = 0) -> None:
+        self.tokenizer = processor.tokenizer
+        self.length = length
+        self.eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def generate(self, conversations: Sequence[Any], params: Any) -> list[list[Generation]]:
+        out = []
+        for conv in conversations:
+            question = conv[-1]["content"][-1]["text"]
+            h = zlib.crc32(question.encode())
+            gens = []
+            for j in range(params.n):
+                text = f"The answer is {'ABCD'[(h + j) % 4]}."
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += [100 + (h + 7 * j + 3 * k) % 50 for k in range(self.length)] + [self.eos]
+                gens.append(Generation(text=text, token_ids=ids, finish_reason="stop"))
+            out.append(gens)
+        return out
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def launch(
+    script: Path, processes: int, script_args: Sequence[str], *, cpu: bool, accelerate_config: Path | None = None
+) -> None:
+    """Run `script` again on `processes` processes, with this interpreter and `src` on the path:
+    `accelerate launch` on GPUs (one process per GPU; FSDP2 with `accelerate_config`), torchrun
+    on CPU (processes over gloo: accelerate launches several CPU processes only through MPI).
+    Raise if it fails."""
+    port = str(free_port())
+    if cpu:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", port]
+        if accelerate_config is not None:
+            cmd += ["--config_file", str(accelerate_config)]
+        elif processes > 1:
+            cmd += ["--multi_gpu"]
+    cmd += [str(script), *script_args]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    # NVLink multicast (NVLS) off: on shared GPU hosts a program using it can take every GPU of the
+    # host out of service; plain NCCL rings and trees serve these message sizes as well.
+    env["NCCL_NVLS_ENABLE"] = "0"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
