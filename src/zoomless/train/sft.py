@@ -153,17 +153,18 @@ def train_sft(cfg: SFTConfig) -> Path:
     )
     final = None
     try:
-        for step in range(run.start_step + 1, cfg.max_steps + 1):
-            timer = Timer()
-            metrics = sft_step(cfg, run, step, timer)
-            metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
-            metrics["bad_samples"] = float(len(run.data.screen.bad))  # skipped so far (on_bad_sample: skip)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logger.log(step, metrics)
-            else:
-                logger.advance(step)
-            if should_save(step, cfg.max_steps, cfg.save_every):
-                final = save_checkpoint(run, cfg.out_dir, step)
+        with data_pool(cfg, run) as pool:  # None without data_workers: encode in this process
+            for step in range(run.start_step + 1, cfg.max_steps + 1):
+                timer = Timer()
+                metrics = sft_step(cfg, run, step, timer, pool)
+                metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
+                metrics["bad_samples"] = float(len(run.data.screen.bad))  # skipped so far (on_bad_sample: skip)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    logger.log(step, metrics)
+                else:
+                    logger.advance(step)
+                if should_save(step, cfg.max_steps, cfg.save_every):
+                    final = save_checkpoint(run, cfg.out_dir, step)
     finally:
         logger.close()
     return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run

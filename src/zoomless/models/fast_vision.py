@@ -1,0 +1,186 @@
+"""Batched vision attention for Qwen2.5-VL and Qwen3-VL: one SDPA call per distinct chunk length.
+
+HF's vision attention packs every image (and, in Qwen2.5-VL, every 112-px window) of a batch
+into one sequence cut by `cu_seqlens`. Without flash-attn's varlen kernel it splits the sequence
+and calls attention once per chunk: 16 windows x 64 scenes is 1,024 calls per windowed layer,
+forward and backward, and on a GPU the launches, not the math, take the step (issue 9).
+
+Chunks of equal length need no mask: stacked, they are one batch [n_chunks, heads, L, head_dim].
+`patch_vision_attention` gives each vision attention module a forward that groups the chunks by
+length and runs one attention call per distinct length (windows come in a few lengths: the full
+ones and those cut by the image border). The arithmetic is the same; only the launches change.
+
+The patch is per instance (the class is untouched) and falls back to HF's own forward under
+flash attention (already varlen) or any other backend, and when the inputs are not as expected.
+On the CPU the numbers are HF's to the bit; on a GPU the batched call skips cuDNN attention (see
+GPU_BACKENDS), so they match HF's to the rounding of the attention kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+import types
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
+# Backends whose attention takes any batch of dense [n, heads, L, d] tensors without a mask.
+BATCHABLE = ("sdpa", "eager")
+PATCHED = "_zoomless_fast_vision"
+# On a GPU, torch prefers cuDNN attention, which builds (and caches) a graph for every new shape:
+# the chunk count changes with every batch of crops, so it would build graphs all the time. The
+# flash and memory-efficient kernels take any shape without a build.
+GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+Plan = tuple[list[tuple[int, torch.Tensor | None]], torch.Tensor | None]
+
+# The grouping of a cu_seqlens tensor, shared by all layers of one forward (they read the same
+# tensor), so the host sync and the index building happen once per tensor, not once per layer.
+_plans: dict[int, tuple[weakref.ref, int, int, Plan | None]] = {}
+
+
+def chunk_plan(cu_seqlens: torch.Tensor, seq: int) -> Plan | None:
+    """Groups of equal-length chunks of a packed sequence of `seq` tokens, as (length, token index
+    [n, L], or None when one length tiles the whole sequence), and the permutation that puts the
+    groups' outputs back in token order (None when no reordering is needed). None when
+    `cu_seqlens` does not cut [0, seq) into consecutive chunks."""
+    if cu_seqlens.is_inference():  # no version counter to tell an in-place change: no cache
+        return _make_plan(cu_seqlens.tolist(), seq, cu_seqlens.device)
+    key = id(cu_seqlens)
+    hit = _plans.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, seq):
+        return hit[3]
+    plan = _make_plan(cu_seqlens.tolist(), seq, cu_seqlens.device)
+    if len(_plans) > 16:  # plans live for one forward; keep the cache from growing
+        _plans.clear()
+    _plans[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, seq, plan)
+    return plan
+
+
+def _make_plan(bounds: list[int], seq: int, device: torch.device) -> Plan | None:
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq or min(lengths) < 0:
+        return None
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(bounds[:-1], lengths):
+        if length:  # an empty chunk holds no token
+            by_length.setdefault(length, []).append(start)
+    if not by_length:
+        return None
+    if len(by_length) == 1:
+        return [(next(iter(by_length)), None)], None
+    groups, positions = [], []
+    for length, starts in sorted(by_length.items()):
+        index = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        groups.append((length, index))
+        positions.append(index.reshape(-1))
+    return groups, torch.argsort(torch.cat(positions))
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Attention within each chunk of packed [seq, heads, d] tensors, one `attend` call per chunk
+    length (`plan` from `chunk_plan`). `attend` maps [n, heads, L, d] q, k, v to [n, L, heads, d]
+    (HF's attention output layout)."""
+    seq, heads, dim = q.shape
+    groups, order = plan
+    outs = []
+    for length, index in groups:
+        if index is None:  # one length over the whole sequence: a view, no gather
+            qb, kb, vb = (t.reshape(seq // length, length, heads, dim).transpose(1, 2) for t in (q, k, v))
+        else:
+            qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))
+        outs.append(attend(qb, kb, vb).reshape(-1, heads, dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if order is None else out[order]
+
+
+def _plain_layout(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> bool:
+    """The inputs are what the grouped forward assumes; anything else goes to HF's forward."""
+    return (
+        module.config._attn_implementation in BATCHABLE
+        and hidden_states.dim() == 2
+        and isinstance(cu_seqlens, torch.Tensor)
+        and cu_seqlens.dim() == 1
+        and cu_seqlens.numel() >= 2
+        and not cu_seqlens.is_floating_point()
+        and position_embeddings is not None
+    )
+
+
+def _grouped_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seqlen: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """HF's vision attention forward (qkv, 2D rotary, attention per chunk, proj) with the chunks batched."""
+    if not _plain_layout(self, hidden_states, cu_seqlens, position_embeddings):
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    seq = hidden_states.shape[0]
+    plan = chunk_plan(cu_seqlens, seq)
+    if plan is None:
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    hf = sys.modules[type(self).__module__]
+    cos, sin = position_embeddings
+    q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+
+    def attend(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(GPU_BACKENDS) if qb.is_cuda else contextlib.nullcontext():
+            return interface(
+                self, qb, kb, vb, attention_mask=None, scaling=self.scaling,
+                dropout=0.0 if not self.training else self.attention_dropout, is_causal=False, **kwargs,
+            )[0]
+
+    out = grouped_attention(q, k, v, plan, attend)
+    return self.proj(out.reshape(seq, -1).contiguous())
+
+
+def _patchable(module: nn.Module) -> bool:
+    hf = sys.modules.get(type(module).__module__)
+    return (
+        type(module).__name__ in VISION_ATTENTION_CLASSES
+        and hf is not None
+        and hasattr(hf, "apply_rotary_pos_emb_vision")
+        and hasattr(hf, "eager_attention_forward")
+        and all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scaling", "config", "attention_dropout"))
+    )
+
+
+def patch_vision_attention(model: nn.Module) -> int:
+    """Give every Qwen2.5-VL / Qwen3-VL vision attention module of `model` the grouped forward.
+    Returns how many modules carry it (already patched ones count; other models give 0)."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, PATCHED, False):
+            n += 1
+        elif _patchable(module):
+            # A bound method on the instance: deepcopy (the EMA teacher) rebinds it to the copy.
+            module.forward = types.MethodType(_grouped_forward, module)
+            setattr(module, PATCHED, True)
+            n += 1
+    return n
+
+
+def unpatch_vision_attention(model: nn.Module) -> int:
+    """Undo `patch_vision_attention`; returns how many modules were restored."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, PATCHED, False):
+            del module.forward
+            delattr(module, PATCHED)
+            n += 1
+    return n
