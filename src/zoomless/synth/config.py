@@ -25,12 +25,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from zoomless.config import ConfigError, load_config
+from zoomless.config import parse_overrides as _parse_overrides
 
 
 
-class SynthConfigError(ValueError):
+class SynthConfigError(ConfigError):
     """A config that cannot be used; the one-line message names the file and the key."""
 
 
@@ -320,38 +322,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- loading
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set "a.b.c" in a nested dict; a numeric part indexes a list ("roles.teachers.1.model")."""
-    parts = key.split(".")
-    node: Any = tree
-    for i, p in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
-                raise SynthConfigError(f"override {key!r}: {p!r} is not an index of the list (0..{len(node) - 1})")
-            if last:
-                node[int(p)] = value
-            else:
-                node = node[int(p)]
-        elif isinstance(node, dict):
-            if last:
-                node[p] = value
-            else:
-                node = node.setdefault(p, {})
-        else:
-            raise SynthConfigError(f"override {key!r}: {parts[i - 1]!r} is not a section")
-    return None
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{where}: {msg}")
-    return f"{source}: " + "; ".join(parts)
-
-
 def load_synth_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> SynthConfig:
     """Read a YAML config, apply `overrides` ({"roles.student.samples": 8, ...}), validate.
 
@@ -359,26 +329,7 @@ def load_synth_config(path: str | Path | None, overrides: dict[str, Any] | None 
     taken relative to the file's folder; paths given as overrides, relative to the working folder.
     Raises SynthConfigError naming the file and the key.
     """
-    source = str(path) if path is not None else "config"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SynthConfigError(f"{p}: no such config file")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise SynthConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SynthConfigError(f"{p}: the top level must be a mapping of keys to values")
-        raw = loaded or {}
-        _resolve_paths(raw, p.resolve().parent)
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
-    try:
-        return SynthConfig.model_validate(raw)
-    except ValidationError as e:
-        raise SynthConfigError(_format_errors(e, source)) from None
+    return load_config(path, SynthConfig, overrides, error=SynthConfigError, prepare=_resolve_paths)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -406,10 +357,4 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """["roles.student.samples=8", "shard=1/4"] -> {...}, values parsed as YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SynthConfigError(f"override {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return out
+    return _parse_overrides(items, SynthConfigError)

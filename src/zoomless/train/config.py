@@ -8,17 +8,14 @@ published Vision-OPD run used a different value, the field's comment gives it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from zoomless.config import ConfigError, load_config, parse_overrides
 
 Form = Literal["mcq", "open"]
 SFT_VIEWS = ("full", "crop", "zoom", "overlay")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the one-line message names the file and the key."""
 
 
 class TrainConfig(BaseModel):
@@ -167,60 +164,4 @@ class GRPOConfig(OPDConfig):
         return self
 
 
-C = TypeVar("C", bound=BaseModel)
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {p!r} is not a section")
-    node[parts[-1]] = value
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{where}: {msg}")
-    return f"{source}: " + "; ".join(parts)
-
-
-def load_config(path: str | Path | None, cls: type[C], overrides: dict[str, Any] | None = None) -> C:
-    """Read a YAML config (or none), apply `overrides` (dotted keys allowed), validate into `cls`.
-
-    Raises ConfigError naming the file and the offending key(s).
-    """
-    source = str(path) if path is not None else "config"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: no such config file")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
-        raw = loaded or {}
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """["lr=1e-4", "teacher=frozen"] -> {"lr": 0.0001, "teacher": "frozen"} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return out
+__all__ = ["ConfigError", "load_config", "parse_overrides"]  # re-exported from zoomless.config
