@@ -10,7 +10,6 @@ import torch
 
 from zoomless.engines.base import Generation
 from zoomless.models.loading import load_vlm
-from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import read_samples, write_samples
 from zoomless.serve import create_app, running
 from zoomless.train import recipes
@@ -138,20 +137,12 @@ def test_config_defaults_and_checks(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the recipe on a tiny model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
+def assets(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """A tiny model briefly fine-tuned to answer one ZoomWorld question with any of its four letters
     (the same prompt with each option as the gold), so it emits letters but not the right one."""
     root = tmp_path_factory.mktemp("grpo")
-    model = build_tiny_vlm(root / "model", family="qwen2_5_vl", size="test", seed=0)
+    model = tiny_model
     world = generate_split(root / "world", "train", 2, seed=0, size=448, progress=False)
     s = read_samples(world)[0]
     write_samples([s.with_(id=f"any{k}", answer=o) for k, o in enumerate(s.options)], root / "any_letter.jsonl")

@@ -14,7 +14,6 @@ from zoomless.engines.base import SamplingParams
 from zoomless.engines.hf import HFEngine
 from zoomless.imaging import render_view
 from zoomless.models.loading import load_processor, load_vlm, vision_token_ids
-from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import Sample, read_samples, write_samples
 from zoomless.train.batching import build_batch, encode_prompt
 from zoomless.train.common import filter_generations, pad_id, view_conversation
@@ -30,19 +29,11 @@ PIXELS = 112 * 112
 VIEW = dict(max_pixels=PIXELS, crop_margin=0.25, zoom=2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
+def assets(tmp_path_factory, tiny_model) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("opd_props")
     return {
-        "model": build_tiny_vlm(root / "model", family="qwen2_5_vl", size="test", seed=0),
+        "model": tiny_model,
         "train": generate_split(root / "world", "train", 12, seed=0, size=448, progress=False),
         "held": generate_split(root / "held", "val", 4, seed=1, size=448, progress=False),  # other scenes
     }

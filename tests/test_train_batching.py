@@ -16,14 +16,6 @@ from zoomless.train.losses import chunked_logprobs
 from zoomless.world.generate import generate_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return generate_split(tmp_path_factory.mktemp("world"), "train", 3, seed=1, size=448, progress=False)

@@ -9,7 +9,6 @@ import torch
 from zoomless.engines.base import Generation
 from zoomless.engines.hf import HFEngine
 from zoomless.models.loading import load_vlm, vision_token_ids
-from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt
 from zoomless.train.common import pad_id, view_conversation
@@ -18,18 +17,10 @@ from zoomless.train.opd import check_views, distill_tokens, train_opd
 from zoomless.world.generate import generate_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
+def assets(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("opd")
-    model = build_tiny_vlm(root / "model", family="qwen2_5_vl", size="test", seed=0)
+    model = tiny_model
     data = generate_split(root / "world", "train", 4, seed=0, size=448, progress=False)
     return model, data
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from zoomless.models.loading import load_vlm
-from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import read_samples, write_samples
 from zoomless.train.common import STATE_FILE, checkpoint_dir
 from zoomless.train.config import SFTConfig
@@ -15,19 +14,10 @@ from zoomless.train.sft import check_views, pick_view, target_ids, target_text, 
 from zoomless.world.generate import generate_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
+def assets(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("sft")
-    model = build_tiny_vlm(root / "model", family="qwen2_5_vl", size="test", seed=0)
+    model = tiny_model
     data = generate_split(root / "world", "train", 6, seed=0, size=448, progress=False)
     return model, data
 
