@@ -146,9 +146,10 @@ def _read_done(path: Path) -> dict[tuple[str, str], ItemResult]:
 
 
 def view_for(sample: Sample, view: str) -> str:
-    """The view actually rendered: a crop of a sample without a box is its teacher image
-    (ZoomBench ships its own crop); everything else as asked."""
-    if view == "crop" and sample.box is None and sample.teacher_image is not None:
+    """The view actually rendered: when the data ships its own crop (ZoomBench's crop column, a
+    Vision-OPD teacher image), the crop view is that image, as the benchmark defines its dual view;
+    otherwise the crop is cut from the evidence box."""
+    if view == "crop" and sample.teacher_image is not None:
         return "teacher"
     return view
 
