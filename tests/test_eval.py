@@ -306,3 +306,14 @@ def test_end_to_end_tiny_model_on_zoomworld(tmp_path):
     assert res["gap"]["all"]["gap"] == pytest.approx(crop - full)
     assert res["settings"]["max_pixels"] == 112 * 112
     assert all(i.error is None for v in r.views for i in r.items[v])  # everything reached the model
+
+
+def test_the_crop_view_is_the_datas_own_crop_when_it_ships_one() -> None:
+    from zoomless.eval.single_pass import view_for
+    from zoomless.sample import Sample
+
+    boxed = Sample(id="a", image="x.png", question="q?", box=(0, 0, 10, 10))
+    shipped = boxed.with_(teacher_image="crop.png")  # ZoomBench: a bbox and its own crop column
+    assert view_for(boxed, "crop") == "crop"
+    assert view_for(shipped, "crop") == "teacher"
+    assert view_for(shipped, "full") == "full"
