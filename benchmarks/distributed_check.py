@@ -6,7 +6,8 @@ gradient norm and the updated weights (student, and the EMA teacher).
     PYTHONPATH=src python benchmarks/distributed_check.py --out /tmp/dcheck --processes 2
     PYTHONPATH=src python benchmarks/distributed_check.py --out /tmp/dcheck --processes 2 \\
         --accelerate-config configs/accelerate/fsdp2.yaml
-    # CPU, tiny model, 2 processes over gloo (a smoke test of the script itself)
+    # CPU, tiny model, 2 processes over gloo (a smoke test of the script itself; FSDP2 emulated on CPU
+    # with --accelerate-config configs/accelerate/fsdp2.yaml)
     PYTHONPATH=src python benchmarks/distributed_check.py --out /tmp/dcheck --tiny
 
 The rollouts come from a fixed engine (the same responses for a prompt whichever process asks;
@@ -15,7 +16,8 @@ runs one mini-batch and one update, where the N-process step equals the 1-proces
 A last N-process OPD step samples with the real HF engine (under FSDP from gathered weights):
 it checks that sampling runs, not that it matches (each process samples with its own seed).
 
-Writes OUT/check.json and the runs under OUT/run-1, OUT/run-N. Disk: two fp32 checkpoints per run
+Writes OUT/check.json and the runs under OUT/run-1, OUT/run-N (each with its launcher's output in
+launch.log, and a failed process's traceback in error-rank{R}.txt). Disk: two fp32 checkpoints per run
 (the 3B shape needs ~60 GB; the default `base` shape a few hundred MB).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +146,10 @@ def main() -> None:
     if a.tiny:
         a.cpu, a.shape, a.max_pixels = True, "test", 112 * 112
     if a.worker:
-        return worker(a)
+        if a.cpu and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            dc.emulate_fsdp_on_cpu()
+        with dc.failure_log(a.run_dir):
+            return worker(a)
 
     a.processes = a.processes or (2 if a.cpu or not torch.cuda.is_available() else torch.cuda.device_count())
     a.cpu = a.cpu or not torch.cuda.is_available()
@@ -155,10 +161,11 @@ def main() -> None:
     common += ["--cpu"] if a.cpu else []
     one, many = a.out / "run-1", a.out / f"run-{a.processes}"
     if not a.compare_only:
-        dc.launch(Path(__file__), 1, common + ["--run-dir", str(one), "--no-sample"], cpu=a.cpu)
+        dc.launch(Path(__file__), 1, common + ["--run-dir", str(one), "--no-sample"], cpu=a.cpu,
+                  log=one / "launch.log")
         sample = [] if a.sample else ["--no-sample"]
         dc.launch(Path(__file__), a.processes, common + ["--run-dir", str(many)] + sample, cpu=a.cpu,
-                  accelerate_config=a.accelerate_config)
+                  accelerate_config=a.accelerate_config, log=many / "launch.log")
     report = {"processes": a.processes, "shape": a.shape, "dtype": a.dtype,
               "accelerate_config": str(a.accelerate_config) if a.accelerate_config else "ddp", **compare(a, one, many)}
     dc.write_json(a.out / "check.json", report)

@@ -7,13 +7,16 @@ folder is on sys.path, also under `accelerate launch`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import traceback
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -80,6 +83,9 @@ def build_3b_shaped(out: Path, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    del model
+    if device == "cuda":  # this process waits while the runs train: give the GPU memory back
+        torch.cuda.empty_cache()
     return out
 
 
@@ -137,16 +143,23 @@ class FixedEngine:
 
 
 def launch(
-    script: Path, processes: int, script_args: Sequence[str], *, cpu: bool, accelerate_config: Path | None = None
+    script: Path, processes: int, script_args: Sequence[str], *, cpu: bool, accelerate_config: Path | None = None,
+    log: Path | None = None, timeout: float | None = None,
 ) -> None:
     """Run `script` again on `processes` processes, with this interpreter and `src` on the path:
     `accelerate launch` on GPUs (one process per GPU; FSDP2 with `accelerate_config`), torchrun
-    on CPU (processes over gloo: accelerate launches several CPU processes only through MPI).
-    Raise if it fails."""
+    on CPU (processes over gloo: accelerate launches several CPU processes only through MPI; an
+    FSDP config is emulated, `emulate_fsdp_on_cpu`). Raise CalledProcessError if it fails, and
+    TimeoutExpired if it runs past `timeout` seconds (the launcher is stopped, its processes with it).
+
+    With `log`, the launcher's output (every process's stdout and stderr) is also written there."""
     port = str(free_port())
+    env = dict(os.environ)
     if cpu:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", port]
+        if accelerate_config is not None and processes > 1:
+            env.update(fsdp_launch_env(accelerate_config, processes))
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", port]
@@ -155,14 +168,96 @@ def launch(
         elif processes > 1:
             cmd += ["--multi_gpu"]
     cmd += [str(script), *script_args]
-    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     # NVLink multicast (NVLS) off: on shared GPU hosts a program using it can take every GPU of the
     # host out of service; plain NCCL rings and trees serve these message sizes as well.
     env["NCCL_NVLS_ENABLE"] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") if log is not None else contextlib.nullcontext() as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        pump = threading.Thread(target=_tee, args=(proc.stdout, f), daemon=True)
+        pump.start()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            pump.join()
+            raise
+        pump.join()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
+def _tee(stream: Any, log: Any) -> None:
+    """The launcher's output, line by line as it comes, to the console and to the log (if any)."""
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if log is not None:
+            log.write(line)
+            log.flush()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a launcher: SIGTERM, which it passes on to its processes; SIGKILL after a minute."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def fsdp_launch_env(config: Path, processes: int) -> dict[str, str]:
+    """The FSDP settings `accelerate launch --config_file config` gives its processes (none for a
+    config without FSDP)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", str(processes), "x.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {k: v for k, v in env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+
+
+def emulate_fsdp_on_cpu() -> None:
+    """In a CPU worker launched with an FSDP config: accelerate turns FSDP on only with GPUs, but its
+    FSDP2 code runs over gloo all the same. Every Accelerator the run makes gets the FSDP plugin the
+    launcher's settings describe (with bf16 gathered weights for `dtype: bfloat16`, as on GPUs) and
+    FSDP as its distributed type, so the sharded code paths run (as in tests/test_distributed.py)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from zoomless.train import common
+
+    real = common.make_accelerator
+
+    def make(device: str, dtype: str) -> Any:
+        accelerator = real(device, dtype)
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment
+        if dtype == "bfloat16":
+            plugin.set_mixed_precision("bf16")
+        accelerator.state.fsdp_plugin = plugin
+        for state in (PartialState, AcceleratorState):
+            state._shared_state["distributed_type"] = DistributedType.FSDP
+        return accelerator
+
+    common.make_accelerator = make
+
+
+@contextlib.contextmanager
+def failure_log(folder: Path) -> Iterator[None]:
+    """Around a worker: if it raises, its traceback goes to `folder/error-rank{RANK}.txt` (and to
+    stderr, as always), so a failed multi-process run can be read afterwards."""
+    try:
+        yield
+    except BaseException:
+        folder.mkdir(parents=True, exist_ok=True)
+        rank = os.environ.get("RANK", "0")
+        (folder / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
 
 
 def free_port() -> int:

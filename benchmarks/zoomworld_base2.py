@@ -60,7 +60,7 @@ def time_steps(model: Path, data: Path, a: argparse.Namespace) -> dict:
         unpatch_vision_attention,
     )
     from zoomless.train.common import Timer
-    from zoomless.train.sft import data_pool, sft_step
+    from zoomless.train.sft import BatchFeed, data_pool, sft_step
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     report = {}
@@ -69,12 +69,13 @@ def time_steps(model: Path, data: Path, a: argparse.Namespace) -> dict:
         run = start(cfg)
         rows: dict[str, list[dict]] = {"hf": [], "fast": []}
         with data_pool(cfg, run) as pool:
+            feed = BatchFeed(cfg, run, pool)
             for step, mode in enumerate(["hf", "fast"] * (1 + a.time_steps), start=1):
                 (unpatch_vision_attention if mode == "hf" else patch_vision_attention)(run.model)
                 timer = Timer()
                 sync()
                 t0 = time.perf_counter()
-                sft_step(cfg, run, step, timer, pool)
+                sft_step(cfg, run, step, timer, feed)
                 sync()
                 if step > 2:  # one warm-up step of each
                     rows[mode].append({**timer.seconds, "wall": time.perf_counter() - t0})
@@ -91,7 +92,7 @@ def time_steps(model: Path, data: Path, a: argparse.Namespace) -> dict:
 def train_base(model: Path, data: Path, a: argparse.Namespace) -> tuple[Path, dict]:
     """Crop-only SFT until the wall budget is spent; returns the saved model directory and stats."""
     from zoomless.train.common import Timer
-    from zoomless.train.sft import data_pool, sft_step
+    from zoomless.train.sft import BatchFeed, data_pool, sft_step
 
     cfg = sft_config(model, data, a.work / "base2", "crop", a)
     run = start(cfg)
@@ -99,12 +100,13 @@ def train_base(model: Path, data: Path, a: argparse.Namespace) -> tuple[Path, di
     phases: list[dict] = []
     step = 0
     with data_pool(cfg, run) as pool:
+        feed = BatchFeed(cfg, run, pool)
         t0 = time.perf_counter()  # the budget is for steps: the pool's start is not in it
         while time.perf_counter() - t0 < a.train_seconds:
             step += 1
             timer = Timer()
             t1 = time.perf_counter()
-            m = sft_step(cfg, run, step, timer, pool)
+            m = sft_step(cfg, run, step, timer, feed)
             phases.append({**timer.seconds, "wall": time.perf_counter() - t1})
             if step % 25 == 0:
                 row = {"step": step, "seconds": round(time.perf_counter() - t0, 1), **m,
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--vision-batch", type=int, default=64, help="scenes in the vision tower timing (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    a.min_area, a.max_area, a.form = 0.005, 0.03, "mcq"  # this probe's setting (zoomworld_models' old defaults)
 
     import torch
 
@@ -176,7 +179,7 @@ def main() -> None:
 
     data = {}
     for split, n in (("train", a.train_n), ("test", a.test_n)):
-        data[split], sec = make_split(a.work / "data", split, n, a.size, a.seed, os.cpu_count() or 1)
+        data[split], sec = make_split(a.work / "data", split, n, a)
         res[f"data_{split}"] = {"n": n, "seconds": round(sec, 1)}
         print(f"{split}: {n} samples in {sec:.1f}s", flush=True)
     init = build_tiny_vlm(a.work / "init", family="qwen2_5_vl", size=a.model_size, seed=a.seed,

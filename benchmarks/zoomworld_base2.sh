@@ -2,7 +2,7 @@
 # ZoomWorld BASE, second try, on a GPU machine (see benchmarks/zoomworld_base2.py):
 #   OUT=/some/folder SRC=build/head-src/src bash benchmarks/zoomworld_base2.sh --train-seconds 330
 # SRC: the package source to run (default src). The pure-Python wheels the GPU image lacks
-# (pydantic) are installed from build/wheels-gpu, as in zoomworld_models.sh. $OUT gets
+# (pydantic) are installed from build/wheels-gpu, as in zoomworld_story.sh. $OUT gets
 # console.log, results.json, logs.tar.gz and the model as model.tar.part-* (15 MB parts). The
 # Python script runs under `timeout $BUDGET` so that the results are packed whatever happens.
 set -uo pipefail

@@ -86,12 +86,12 @@ def color_items(processor, eos: int, n: int, seed: int, form: str, order: str, s
 
 
 def zoomworld_items(processor, eos: int, n: int, split: str, dims: list[str], form: str, min_area: float,
-                    max_area: float, view: str = "crop") -> list:
+                    max_area: float, view: str = "crop", size: int = 448) -> list:
     out = []
     for i in range(n):
-        image, s = generate_sample(i, split=split, size=448, dimensions=dims, min_area_fraction=min_area,
+        image, s = generate_sample(i, split=split, size=size, dimensions=dims, min_area_fraction=min_area,
                                    max_area_fraction=max_area)
-        view_image, question = render_view(s, view, image, crop_margin=0.25, max_pixels=448 * 448)
+        view_image, question = render_view(s, view, image, crop_margin=0.25, max_pixels=size * size)
         out.append(encode(processor, s, view_image, question, form, eos))
     return out
 
@@ -250,14 +250,21 @@ def cmd_zoomworld(a: argparse.Namespace) -> dict:
         model, processor = fresh_model(a.model_size, a.seed)
         eos = end_of_turn_id(model, processor)
         t0 = time.perf_counter()
-        tr = zoomworld_items(processor, eos, a.train_n, "train", dims, a.form, a.min_area, a.max_area, a.view)
-        te = zoomworld_items(processor, eos, a.test_n, "test", dims, a.eval_form, a.min_area, a.max_area, a.view)
+        tr = zoomworld_items(processor, eos, a.train_n, "train", dims, a.form, a.min_area, a.max_area, a.view, a.size)
+        te = zoomworld_items(processor, eos, a.test_n, "test", dims, a.eval_form, a.min_area, a.max_area, a.view, a.size)
         print(f"zoomworld dims={a.dims} form={a.form} lr={lr}: data in {time.perf_counter() - t0:.1f}s", flush=True)
         res = train(model, processor, tr, te, lr=lr, steps=a.steps, batch=a.batch, warmup=a.warmup, form=a.eval_form,
                     eval_every=a.eval_every, seed=a.seed)
         if len(dims) > 1:  # final accuracy per dimension
             res["final_by_dimension"] = {d: evaluate(model, processor, [t for t in te if t[2].dimension == d], a.eval_form)["acc"]
                                          for d in dims}
+        for view in a.also_eval:  # the same test scenes in another view (e.g. full after crop training)
+            other = zoomworld_items(processor, eos, a.test_n, "test", dims, a.eval_form, a.min_area, a.max_area, view,
+                                    a.size)
+            res[f"final_{view}"] = {d: evaluate(model, processor, [t for t in other if t[2].dimension == d],
+                                                a.eval_form)["acc"] for d in dims}
+            res[f"final_{view}"]["all"] = evaluate(model, processor, other, a.eval_form)["acc"]
+            print(view, json.dumps(res[f"final_{view}"]), flush=True)
         out[str(lr)] = res
     return out
 
@@ -288,6 +295,8 @@ def main() -> None:
             s.add_argument("--view", default="crop")
             s.add_argument("--min-area", type=float, default=0.005)
             s.add_argument("--max-area", type=float, default=0.03)
+            s.add_argument("--size", type=int, default=448, help="scene side in pixels (also the pixel budget)")
+            s.add_argument("--also-eval", nargs="*", default=[], help="views to evaluate at the end too")
     a = p.parse_args()
     if a.cmd != "probe" and a.eval_form is None:
         a.eval_form = "mcq" if a.form == "mix" else a.form

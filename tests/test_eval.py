@@ -15,7 +15,9 @@ from rich.console import Console
 from zoomless.engines.base import Generation, SamplingParams
 from zoomless.eval.generic import load_benchmark, load_generic
 from zoomless.eval.metrics import latency_stats, paired_gap, percentile, wilson
-from zoomless.eval.report import compare_markdown, compare_table, dual_view_table, gap_chart, to_markdown
+from zoomless.eval.report import (
+    compare_markdown, compare_table, dual_view_table, gap_chart, gap_change_chart, to_markdown,
+)
 from zoomless.eval.single_pass import PREDICTIONS, EvalResult, ItemResult, evaluate, load_result
 from zoomless.sample import Sample, SampleError
 
@@ -231,6 +233,9 @@ def test_reports(tmp_path):
     assert "25.0 → 75.0 (+50.0)" in console.export_text()
     assert "+50.0 → +0.0" in compare_markdown(before, after)
     png = gap_chart(before, tmp_path / "charts" / "gap.png")
+    with Image.open(png) as im:
+        assert im.width > 300 and im.height > 300
+    png = gap_change_chart(before, after, tmp_path / "charts" / "change.png")
     with Image.open(png) as im:
         assert im.width > 300 and im.height > 300
 

@@ -102,8 +102,12 @@ def test_views_that_need_a_box_fail_before_training(assets) -> None:
 
 def test_data_workers_give_the_same_run(assets, tmp_path) -> None:
     mix = {"full": 1.0, "crop": 1.0}
-    one = train_sft(_cfg(assets, tmp_path / "inline", max_steps=2, view=mix))
-    pooled = train_sft(_cfg(assets, tmp_path / "pooled", max_steps=2, view=mix, data_workers=2))
+    one = train_sft(_cfg(assets, tmp_path / "inline", max_steps=3, save_every=1, view=mix))
+    pooled = train_sft(_cfg(assets, tmp_path / "pooled", max_steps=3, save_every=1, view=mix, data_workers=2))
+    for step in (1, 2, 3):  # the pool draws a batch ahead; checkpoints save the order as of the step
+        s1 = torch.load(checkpoint_dir(tmp_path / "inline", step) / STATE_FILE, weights_only=False)
+        s2 = torch.load(checkpoint_dir(tmp_path / "pooled", step) / STATE_FILE, weights_only=False)
+        assert s1["data"] == s2["data"], step
     assert [r["loss"] for r in _metrics(tmp_path / "inline")] == [r["loss"] for r in _metrics(tmp_path / "pooled")]
     m1, _ = load_vlm(one, dtype=torch.float32, device="cpu")
     m2, _ = load_vlm(pooled, dtype=torch.float32, device="cpu")

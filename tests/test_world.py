@@ -255,3 +255,11 @@ def test_contact_sheet_size(tmp_path):
     out = contact_sheet(samples[:3], tmp_path / "sheet2.png", cols=4, thumb=64, show_crops=False)
     cw, ch = cell_size(64, False)
     assert Image.open(out).size == (3 * cw, ch)
+
+
+def test_split_with_workers_is_identical(tmp_path):
+    one = read_samples(generate_split(tmp_path / "a", "val", 5, seed=3, size=SMALL, progress=False))
+    two = read_samples(generate_split(tmp_path / "b", "val", 5, seed=3, size=SMALL, progress=False, workers=2))
+    assert [s.with_(image=Path(s.image).name) for s in one] == [s.with_(image=Path(s.image).name) for s in two]
+    for s, t in zip(one, two):
+        assert (tmp_path / "a" / "images" / Path(s.image).name).read_bytes() == Path(t.image).read_bytes()

@@ -22,6 +22,11 @@ Sampling is deterministic under `params.seed` for the same conversations, parame
 batch_size (the RNG runs across the batch); the caller's global RNG state is left untouched.
 Each conversation is repeated `n` times in the batch (greedy runs once and copies).
 
+Decoding speed: `cache_implementation="static"` preallocates the KV cache (transformers' option of
+the same name); on a GPU transformers then compiles the decode step (torch.compile, CUDA graphs)
+unless `compile=False`. The first batch of each new shape pays for the compilation. The default is
+transformers' dynamic cache, uncompiled; `benchmarks/perf_3b.py` measures the options.
+
 Timing: `engine.stats` accumulates prompts, generated tokens, batches and seconds over all calls;
 `engine.last_call_seconds` is the wall time of the last `generate` call.
 """
@@ -104,6 +109,8 @@ class HFEngine:
         batch_size: int = 8,
         device: str | torch.device | None = None,
         name: str = "hf",
+        cache_implementation: str | None = None,
+        compile: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -114,6 +121,11 @@ class HFEngine:
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else model.device
         self.name = name
+        self.decoding: dict[str, Any] = {}  # cache and compile options for `generate` (module docstring)
+        if cache_implementation is not None:
+            self.decoding["cache_implementation"] = cache_implementation
+        if not compile:
+            self.decoding["disable_compile"] = True
         # Vision tokens, and the padding columns of the logits that no token maps to.
         head = model.get_output_embeddings()
         vocab_rows = head.weight.shape[0] if head is not None else len(self.tokenizer)
@@ -124,10 +136,14 @@ class HFEngine:
         self.last_call_seconds = 0.0
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, *, batch_size: int = 8, name: str = "hf", **load_kwargs: Any) -> "HFEngine":
+    def from_dir(
+        cls, model_dir: str | Path, *, batch_size: int = 8, name: str = "hf", cache_implementation: str | None = None,
+        compile: bool = True, **load_kwargs: Any,
+    ) -> "HFEngine":
         """Load a local model directory (`load_kwargs` go to `load_vlm`: dtype, device, ...)."""
         model, processor = load_vlm(model_dir, **load_kwargs)
-        return cls(model, processor, batch_size=batch_size, name=name)
+        return cls(model, processor, batch_size=batch_size, name=name, cache_implementation=cache_implementation,
+                   compile=compile)
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -182,6 +198,7 @@ class HFEngine:
         out = self.model.generate(
             **inputs,
             **generation_kwargs(params),
+            **self.decoding,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             suppress_tokens=self.suppressed_ids or None,

@@ -219,3 +219,30 @@ def compare_markdown(before: "EvalResult", after: "EvalResult") -> str:
     return (
         f"before: {settings_line(before)}\n\nafter: {settings_line(after)}\n\n" + _markdown_table(header, rows) + "\n"
     )
+
+
+def gap_change_chart(before: "EvalResult", after: "EvalResult", out_png: str | Path) -> Path:
+    """Per dimension (and "all"): full- and crop-view accuracy before and after training, so the
+    gap's change and what moved it (full view up, or crop view down) are both visible."""
+    from matplotlib.figure import Figure
+
+    dims = sorted(set(before.dimensions) | set(after.dimensions)) + ["all"]
+    bars = [("full, before", before, "full", "#9ecae1"), ("full, after", after, "full", "#08519c"),
+            ("crop, before", before, "crop", "#fdae6b"), ("crop, after", after, "crop", "#a63603")]
+    fig = Figure(figsize=(1.4 * len(dims) + 2, 4))
+    ax = fig.add_subplot()
+    width = 0.8 / len(bars)
+    for k, (label, result, view, colour) in enumerate(bars):
+        acc = result.accuracy(view)
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(dims))]
+        ax.bar(xs, [100 * acc[d].acc if d in acc else 0.0 for d in dims], width, label=label, color=colour)
+    ax.set_xticks(range(len(dims)), dims, rotation=20)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("the zooming gap before and after training", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

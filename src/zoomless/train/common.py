@@ -227,8 +227,12 @@ def save_checkpoint(
     step: int,
     extra_models: dict[str, nn.Module] | None = None,
     extra_state: dict[str, Any] | None = None,
+    data_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/checkpoint-{step}` atomically (to a temporary folder, then renamed).
+
+    `data_state` replaces the data order's current state (a loader that draws ahead passes the
+    state as of the last batch it trained on).
 
     Every process calls this. The main process writes the HF directories and `trainer_state.pt`;
     the others only their RNG state, and under FSDP their shard of the optimizer state.
@@ -255,7 +259,7 @@ def save_checkpoint(
             "step": step,
             "optimizer": None if dist.fsdp else run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "data": run.data.state_dict(),
+            "data": run.data.state_dict() if data_state is None else data_state,
             "rng": _rng_state(),
             "extra": extra_state or {},
             "processes": dist.world,

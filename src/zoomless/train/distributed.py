@@ -102,11 +102,43 @@ def _fresh_state_outside_launchers() -> None:
 def prepare_policy(dist: "Dist", model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
     """Hand the policy (wrapped in a ResponseModel) and its optimizer to accelerate: as they are on
     one process, in DDP, or sharded by FSDP2. Returns (policy, optimizer)."""
+    policy = ResponseModel(model)
     if dist.fsdp:
         _reduce_in_fp32(dist.accelerator)
-    with warnings.catch_warnings():  # newer torch renames the DDP flag; the old one works everywhere
+    with warnings.catch_warnings(), _head_in_root(policy, dist.fsdp):
+        # newer torch renames the DDP flag; the old one works everywhere
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
-        return dist.accelerator.prepare(ResponseModel(model), optimizer)
+        return dist.accelerator.prepare(policy, optimizer)
+
+
+def _no_module() -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _head_in_root(wrapper: ResponseModel, fsdp: bool = True) -> Iterator[None]:
+    """While accelerate shards `wrapper` with FSDP2, keep the input embedding and the LM head in the
+    root unit (accelerate otherwise carves them out into a unit of their own, one when tied).
+
+    The recipes call the LM head outside the wrapped forward, chunk by chunk. FSDP counts a unit of
+    several modules as done with its forward once each of them has run; head calls after the root's
+    forward reopen the embedding+head unit and leave it half-way (torch 2.11: from the second call
+    on, i.e. more than `logits_chunk_size` response tokens in a micro-batch; torch 2.14: from the
+    first). Its `reshard()` then does nothing, so a frozen copy keeps a gathered embedding and the EMA
+    update fails on every process ("aten.lerp_.Scalar got mixed torch.Tensor and DTensor"), and it
+    stays the forward root, so the next root forward skips its once-per-forward set-up. Inside the
+    root unit they are plain modules, gathered from the root's forward to the end of the backward
+    as accelerate's unit kept them too (untied, the embedding now also stays gathered: 1 GB in bf16
+    at 7B)."""
+    if not fsdp:
+        yield
+        return
+    # accelerate asks for these to find the modules to carve out; instance attributes shadow the methods
+    wrapper.get_input_embeddings = wrapper.get_output_embeddings = _no_module
+    try:
+        yield
+    finally:
+        del wrapper.get_input_embeddings, wrapper.get_output_embeddings
 
 
 def _reduce_in_fp32(accelerator: Any) -> None:
@@ -201,7 +233,8 @@ def fsdp_units(module: nn.Module) -> list[nn.Module]:
 
 def reshard(module: nn.Module) -> None:
     """Free every gathered parameter of an FSDP module: its modules hold their fp32 shards again
-    (the root and the head stay gathered after a forward; an EMA update or an export needs shards)."""
+    (the root, with the embedding and the head, stays gathered after a forward; an EMA update or an
+    export needs shards)."""
     for unit in fsdp_units(module):
         unit.reshard()
 
@@ -215,7 +248,9 @@ def shard_like_policy(dist: Dist, vlm: nn.Module) -> nn.Module:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     vlm.requires_grad_(False)
-    wrapped = fsdp2_prepare_model(dist.accelerator, ResponseModel(vlm))
+    wrapper = ResponseModel(vlm)
+    with _head_in_root(wrapper):
+        wrapped = fsdp2_prepare_model(dist.accelerator, wrapper)
     return wrapped.eval()
 
 

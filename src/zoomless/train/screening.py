@@ -145,7 +145,15 @@ class ScreenedData(DataIterator):
         self.samples = samples
         self.screen = screen
         self.probe: Callable[[Sample], Any] = decode_image
+        # optional: probe many samples at once (e.g. in data workers), True for each one that passed;
+        # a failed one is probed again here, so that reporting has one code path
+        self.probe_many: Callable[[list[Sample]], list[bool]] | None = None
         self.good: set[int] = set()  # probed this process; not saved (probing again is cheap)
+
+    def _probe_new(self, indices: Sequence[int]) -> None:
+        new = [i for i in dict.fromkeys(indices) if i not in self.good and i not in self.screen.bad]
+        if new and self.probe_many is not None:
+            self.good.update(i for i, ok in zip(new, self.probe_many([self.samples[i] for i in new])) if ok)
 
     def _usable(self, i: int) -> bool:
         if i in self.screen.bad:
@@ -161,7 +169,9 @@ class ScreenedData(DataIterator):
 
     def global_batch(self) -> list[int]:
         # every process screens the whole global batch, so all of them top it up the same way
-        batch = [i for i in super().global_batch() if self._usable(i)]
+        first = super().global_batch()
+        self._probe_new(first)
+        batch = [i for i in first if self._usable(i)]
         while len(batch) < self.batch_size:
             if len(self.screen.bad) >= self.n_items:
                 raise BadSampleError(f"all {self.n_items} samples are bad; see {self.screen.log_path}")

@@ -86,40 +86,81 @@ def _encode_in_worker(job: tuple[Sample, str]) -> tuple[PromptEncoding, list[int
     return encode_example(_WORKER["processor"], _WORKER["cfg"], job[0], job[1], _WORKER["eos"])
 
 
+def _probe_in_worker(sample: Sample) -> bool:
+    try:
+        _WORKER["probe"](sample)
+        return True
+    except (ValueError, OSError):  # probed again in the training process, which reports it
+        return False
+
+
 @contextmanager
 def data_pool(cfg: SFTConfig, run: Run) -> Iterator[Any]:
     """A pool of `cfg.data_workers` forked processes (None for 0). Tensors come back through shared
-    memory (torch.multiprocessing), so a full-view batch is not copied through a pipe."""
+    memory (torch.multiprocessing), so a full-view batch is not copied through a pipe. The pool
+    also runs the first-draw probes of new samples (rendering their views), in parallel."""
     if cfg.data_workers == 0:
         yield None
         return
-    _WORKER.update(processor=run.processor, cfg=cfg, eos=end_of_turn_id(run.model, run.processor))
+    _WORKER.update(processor=run.processor, cfg=cfg, eos=end_of_turn_id(run.model, run.processor),
+                   probe=run.data.probe)
     pool = tmp.get_context("fork").Pool(cfg.data_workers, initializer=_worker_init)
+    run.data.probe_many = lambda samples: pool.map(_probe_in_worker, samples, chunksize=_chunk(len(samples), cfg))
     try:
         yield pool
     finally:
+        run.data.probe_many = None
         pool.terminate()
         pool.join()
         _WORKER.clear()
 
 
-def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer, pool: Any = None) -> dict[str, float]:
-    """One optimizer step on `batch_size` samples: a global token mean of the answer cross-entropy."""
-    eos = end_of_turn_id(run.model, run.processor)
-    batch = [run.samples[i] for i in run.data.next_batch()]
-    with timer("data"):
+def _chunk(n: int, cfg: SFTConfig) -> int:
+    return max(1, n // (4 * cfg.data_workers))
+
+
+class BatchFeed:
+    """Encoded batches for consecutive steps. With data workers the next step's batch is drawn and
+    encoded while this step runs on the device; `data_state` is the data order as of the last batch
+    handed out, which is what a checkpoint saves (the batch drawn ahead is drawn again on resume)."""
+
+    def __init__(self, cfg: SFTConfig, run: Run, pool: Any) -> None:
+        self.cfg, self.run, self.pool = cfg, run, pool
+        self.eos = end_of_turn_id(run.model, run.processor)
+        self.ahead: tuple[int, Any] | None = None  # (step, pending result)
+        self.data_state = run.data.state_dict()
+
+    def _draw(self, step: int) -> list[tuple[Sample, str]]:
+        batch = [self.run.samples[i] for i in self.run.data.next_batch()]
         # i: the sample's index in the global batch (this process's slice starts at run.data.offset)
-        jobs = [(s, pick_view(cfg.view, cfg.seed, step, i)) for i, s in enumerate(batch, run.data.offset)]
-        if pool is None:
-            encoded = [encode_example(run.processor, cfg, s, view, eos) for s, view in jobs]
-        else:
-            encoded = pool.map(_encode_in_worker, jobs, chunksize=max(1, len(jobs) // (4 * cfg.data_workers)))
+        return [(s, pick_view(self.cfg.view, self.cfg.seed, step, i)) for i, s in enumerate(batch, self.run.data.offset)]
+
+    def get(self, step: int) -> list[tuple[PromptEncoding, list[int]]]:
+        if self.pool is None:
+            encoded = [encode_example(self.run.processor, self.cfg, s, v, self.eos) for s, v in self._draw(step)]
+            self.data_state = self.run.data.state_dict()
+            return encoded
+        if self.ahead is None or self.ahead[0] != step:
+            jobs = self._draw(step)
+            self.ahead = (step, self.pool.map_async(_encode_in_worker, jobs, chunksize=_chunk(len(jobs), self.cfg)))
+        encoded = self.ahead[1].get()
+        self.data_state = self.run.data.state_dict()
+        if step < self.cfg.max_steps:  # start the next batch now; it is ready when this step ends
+            jobs = self._draw(step + 1)
+            self.ahead = (step + 1, self.pool.map_async(_encode_in_worker, jobs, chunksize=_chunk(len(jobs), self.cfg)))
+        return encoded
+
+
+def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer, feed: BatchFeed) -> dict[str, float]:
+    """One optimizer step on `batch_size` samples: a global token mean of the answer cross-entropy."""
+    with timer("data"):  # with data workers: only the wait for the batch encoded during the last step
+        encoded = feed.get(step)
         prompts = [p for p, _ in encoded]
         responses = [r for _, r in encoded]
     total_tokens = run.dist.sum({"tokens": float(sum(len(r) for r in responses))})["tokens"]  # over all processes
     head = lm_head(run.model)
     loss_sum = 0.0
-    micro = list(chunks(range(len(batch)), cfg.micro_batch_size))
+    micro = list(chunks(range(len(prompts)), cfg.micro_batch_size))
     with timer("forward_backward"):
         for j, idx in enumerate(micro):
             tf = build_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id(run.processor)).to(run.device)
@@ -154,9 +195,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     final = None
     try:
         with data_pool(cfg, run) as pool:  # None without data_workers: encode in this process
+            feed = BatchFeed(cfg, run, pool)
             for step in range(run.start_step + 1, cfg.max_steps + 1):
                 timer = Timer()
-                metrics = sft_step(cfg, run, step, timer, pool)
+                metrics = sft_step(cfg, run, step, timer, feed)
                 metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
                 metrics["bad_samples"] = float(len(run.data.screen.bad))  # skipped so far (on_bad_sample: skip)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -164,7 +206,7 @@ def train_sft(cfg: SFTConfig) -> Path:
                 else:
                     logger.advance(step)
                 if should_save(step, cfg.max_steps, cfg.save_every):
-                    final = save_checkpoint(run, cfg.out_dir, step)
+                    final = save_checkpoint(run, cfg.out_dir, step, data_state=feed.data_state)
     finally:
         logger.close()
     return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run

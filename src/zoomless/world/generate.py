@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import zlib
@@ -130,6 +131,20 @@ def save_png(image: Image.Image, path: Path, key: str) -> None:
     os.replace(tmp, path)
 
 
+def _render_one(job: tuple) -> Sample:
+    """Plan one sample and render its PNG unless a current one is on disk (one unit of pool work)."""
+    out, i, split, seed, size, dimensions, max_area_fraction, min_area_fraction = job
+    scene, sample = plan_sample(
+        i, split=split, seed=seed, size=size, dimensions=dimensions,
+        max_area_fraction=max_area_fraction, min_area_fraction=min_area_fraction,
+    )
+    path = out / sample.image
+    key = _png_key(sample)
+    if not _is_current(path, key):
+        save_png(render_scene(scene), path, key)
+    return sample
+
+
 def generate_split(
     out_dir: str | Path,
     split: str,
@@ -141,29 +156,34 @@ def generate_split(
     max_area_fraction: float = 0.03,
     min_area_fraction: float = 0.005,
     progress: bool = True,
+    workers: int = 0,
 ) -> Path:
     """Write out_dir/images/<split>_<index>.png and out_dir/<split>.jsonl; return the JSONL path.
 
     Resumable: a PNG already on disk that was made from the same plan is kept, not re-rendered.
-    The JSONL is written once, at the end.
+    The JSONL is written once, at the end. `workers` > 0 renders in that many processes (the
+    output is identical: every scene depends only on its own seed).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    plan_sample(0, split=split, seed=seed, size=size, dimensions=dimensions,  # bad arguments fail here, once
+                max_area_fraction=max_area_fraction, min_area_fraction=min_area_fraction)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    samples = []
+    jobs = ((out, i, split, seed, size, tuple(dimensions), max_area_fraction, min_area_fraction) for i in range(n))
     columns = (TextColumn(f"zoomworld {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    samples = []
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("render", total=n)
-        for i in range(n):
-            scene, sample = plan_sample(
-                i, split=split, seed=seed, size=size, dimensions=dimensions,
-                max_area_fraction=max_area_fraction, min_area_fraction=min_area_fraction,
-            )
-            path = out / sample.image
-            key = _png_key(sample)
-            if not _is_current(path, key):
-                save_png(render_scene(scene), path, key)
-            samples.append(sample)
-            bar.advance(task)
+        if workers:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for sample in pool.imap(_render_one, jobs, chunksize=64):  # imap keeps index order
+                    samples.append(sample)
+                    bar.advance(task)
+        else:
+            for job in jobs:
+                samples.append(_render_one(job))
+                bar.advance(task)
     return write_jsonl(samples, out / f"{split}.jsonl")

@@ -1,0 +1,242 @@
+"""What perf_3b.py counts and how it reads a profile: model FLOPs and decode bytes of a Qwen2.5-VL
+config, and a summary of one torch.profiler run.
+
+What one forward of one sequence costs (multiply-adds count 2 FLOPs):
+- language model: 2 x (decoder matmul weights) per token, over every token of the sequence (image
+  tokens included, padding not); causal attention 2 x S^2 x (heads x head_dim) per layer (QK^T and
+  AV, half the square each); the LM head 2 x hidden x vocab only where logits are needed (the
+  response positions: zoomless never forms the others).
+- vision tower: 2 x (patch embedding + block matmul weights) per patch, plus the merger MLP per
+  merged token; attention 4 x L^2 x hidden per block over each attended segment (the 112 px windows
+  in windowed blocks, the whole image in `fullatt_block_indexes` blocks).
+Norms, rotary embeddings, activations and softmaxes are left out (a few percent at this shape).
+A training step counts 3 forwards (forward + backward) for what is trained and 1 for what only runs
+forward (the teacher, a frozen tower); activation-checkpoint recompute is counted apart, as the
+extra work of the hardware (HFU), not as model FLOPs (MFU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Seq:
+    """One teacher-forced sequence, as the step runs it."""
+
+    tokens: int  # prompt (with its image tokens) + response, no padding
+    head_tokens: int  # positions whose logits are computed (the response)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)  # image_grid_thw of its images
+
+
+def _text_dims(config: Any) -> dict[str, int]:
+    t = config.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    return dict(h=t.hidden_size, layers=t.num_hidden_layers, q=t.num_attention_heads * head_dim,
+                kv=t.num_key_value_heads * head_dim, inter=t.intermediate_size, vocab=t.vocab_size)
+
+
+def decoder_matmul_params(config: Any) -> int:
+    """Weights of the decoder layers' matmuls (q, k, v, o, gate, up, down), all layers."""
+    d = _text_dims(config)
+    per_layer = d["h"] * d["q"] + 2 * d["h"] * d["kv"] + d["q"] * d["h"] + 3 * d["h"] * d["inter"]
+    return per_layer * d["layers"]
+
+
+def vision_segments(grid: tuple[int, int, int], v: Any) -> tuple[list[int], list[int]]:
+    """Attention segment lengths (patches) of one image: its windows, and the whole image."""
+    t, h, w = grid
+    m = v.spatial_merge_size
+    ws = v.window_size // m // v.patch_size  # window side in merged tokens
+    rows, cols = h // m, w // m
+    windows = [min(ws, rows - i) * min(ws, cols - j) * m * m for i in range(0, rows, ws) for j in range(0, cols, ws)]
+    return windows * t, [h * w] * t
+
+
+def vision_forward(config: Any, grid: tuple[int, int, int]) -> dict[str, float]:
+    """FLOPs of the vision tower on one image (its attention is bidirectional)."""
+    v = config.vision_config
+    t, h, w = grid
+    patches = t * h * w
+    d, inter, m2 = v.hidden_size, v.intermediate_size, v.spatial_merge_size**2
+    embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * d
+    block = 4 * d * d + 3 * d * inter  # qkv, proj, gate/up/down
+    merger = (d * m2) ** 2 + d * m2 * v.out_hidden_size
+    windows, full = vision_segments(grid, v)
+    full_blocks = len(v.fullatt_block_indexes)
+    attn = 4 * d * (full_blocks * sum(n * n for n in full) + (v.depth - full_blocks) * sum(n * n for n in windows))
+    return {"vision_linear": 2.0 * patches * (embed + v.depth * block) + 2.0 * patches / m2 * merger,
+            "vision_attention": float(attn)}
+
+
+def lm_forward(config: Any, tokens: int, head_tokens: int, causal: bool = True) -> dict[str, float]:
+    d = _text_dims(config)
+    attn = (2.0 if causal else 4.0) * tokens * tokens * d["q"] * d["layers"]
+    return {"lm_linear": 2.0 * tokens * decoder_matmul_params(config), "lm_attention": attn,
+            "lm_head": 2.0 * head_tokens * d["h"] * d["vocab"]}
+
+
+def forward_flops(config: Any, seq: Seq, causal: bool = True) -> dict[str, float]:
+    """FLOPs of one forward of `seq`, by part."""
+    out = lm_forward(config, seq.tokens, seq.head_tokens, causal)
+    out.update(vision_linear=0.0, vision_attention=0.0)
+    for grid in seq.grids:
+        for k, x in vision_forward(config, grid).items():
+            out[k] += x
+    return out
+
+
+def step_flops(
+    config: Any, trained: Sequence[Seq], forward_only: Sequence[Seq] = (), *, vision_trained: bool = True,
+    checkpointing: bool = False,
+) -> dict[str, float]:
+    """Model FLOPs of one step (`model`), its split by part, and the recompute of activation
+    checkpointing (`recompute`: one more forward of the trained layers, head excluded)."""
+    parts: dict[str, float] = {}
+    recompute = 0.0
+
+    def add(f: dict[str, float], factor: dict[str, float]) -> None:
+        for k, x in f.items():
+            parts[k] = parts.get(k, 0.0) + factor[k] * x
+
+    for s in trained:
+        f = forward_flops(config, s)
+        vis = 3.0 if vision_trained else 1.0
+        add(f, {"lm_linear": 3.0, "lm_attention": 3.0, "lm_head": 3.0, "vision_linear": vis, "vision_attention": vis})
+        if checkpointing:
+            recompute += f["lm_linear"] + f["lm_attention"]
+            recompute += (f["vision_linear"] + f["vision_attention"]) if vision_trained else 0.0
+    for s in forward_only:
+        add(forward_flops(config, s), dict.fromkeys(("lm_linear", "lm_attention", "lm_head", "vision_linear",
+                                                      "vision_attention"), 1.0))
+    return {"model": sum(parts.values()), "recompute": recompute, "parts": parts}
+
+
+def decode_bytes(model: Any) -> int:
+    """Bytes of weights one decode step reads: every language-model weight, with the LM head read
+    whole and the input embedding only by lookup (free); the vision tower does not run."""
+    lm = model.model.language_model
+    embed = lm.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    weights = {id(p): p for p in lm.parameters() if p is not embed}
+    weights[id(head)] = head
+    return sum(p.numel() * p.element_size() for p in weights.values())
+
+
+def kv_bytes_per_step(config: Any, batch: int, context: float, bytes_per_value: int = 2) -> float:
+    """KV-cache bytes one decode step reads: every layer's keys and values of `context` tokens per row."""
+    d = _text_dims(config)
+    return batch * context * d["layers"] * 2 * d["kv"] * bytes_per_value
+
+
+# ----------------------------------------------------------------------------- profiles
+
+CATEGORIES = (  # GPU kernel-name substrings, first match wins
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "conv")),
+    ("optimizer (foreach/fused)", ("foreach", "multi_tensor", "adam")),
+    ("loss: topk/sort/softmax", ("topk", "sort", "softmax", "logsumexp", "gather", "scatter")),
+    ("copy/cast", ("copy", "memcpy", "memset", "cast", "fill")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "unrolled", "vectorized")),
+)
+LAUNCH_QUEUE_FULL = "Command Buffer Full"  # a CUPTI marker, not a kernel: the GPU was the one behind
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+@contextlib.contextmanager
+def module_ranges(modules: dict[str, nn.Module]) -> Iterator[None]:
+    """A profiler range around every call of each module's forward."""
+    from torch.autograd.profiler import record_function
+
+    handles, open_ranges = [], {}
+
+    def pre(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            rf = record_function(name)
+            rf.__enter__()
+            open_ranges.setdefault(name, []).append(rf)
+        return hook
+
+    def post(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            open_ranges[name].pop().__exit__(None, None, None)
+        return hook
+
+    for name, m in modules.items():
+        handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def profile_call(fn: Callable[[], Any], ranges: dict[str, nn.Module] | None = None, top: int = 15) -> dict[str, Any]:
+    """One call of `fn` under torch.profiler: the top ops by self device time and by self CPU time,
+    the top GPU kernels, kernel time by category, the share of the wall time the GPU was busy, and
+    the device time inside each of `ranges` (forward calls of those modules; backward not included)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with module_ranges(ranges or {}), profile(activities=acts) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    ops = [e for e in events if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+               and e.key != LAUNCH_QUEUE_FULL]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    cats: dict[str, float] = {}
+    for e in kernels:
+        cats[kernel_category(e.key)] = cats.get(kernel_category(e.key), 0.0) + e.self_device_time_total / 1e6
+
+    def top_by(items: list[Any], key: str) -> list[dict[str, Any]]:
+        items = sorted((e for e in items if getattr(e, key) > 0), key=lambda e: -getattr(e, key))[:top]
+        return [{"name": e.key, "s": getattr(e, key) / 1e6, "calls": e.count} for e in items]
+
+    return {
+        "wall_s": wall,
+        "gpu_kernel_s": busy if cuda else None,
+        "gpu_busy_share": busy / wall if cuda else None,
+        "launch_queue_full_events": sum(e.count for e in events if e.key == LAUNCH_QUEUE_FULL),
+        "kernel_s_by_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "range_device_s": {k: next((e.device_time_total / 1e6 for e in events if e.key == k), None) for k in ranges or {}},
+        "top_ops_by_self_device_time": top_by(ops, "self_device_time_total") if cuda else [],
+        "top_kernels": top_by(kernels, "self_device_time_total"),
+        "top_ops_by_self_cpu_time": top_by(ops, "self_cpu_time_total"),
+    }
+
+
+def profile_text(title: str, p: dict[str, Any]) -> str:
+    lines = [f"== torch.profiler: {title}; {p['wall_s']:.3f} s wall under the profiler"]
+    if p["gpu_kernel_s"] is not None:
+        lines.append(f"   GPU kernels {p['gpu_kernel_s']:.3f} s = {p['gpu_busy_share']:.0%} of the wall time; launch queue "
+                     f"full {p['launch_queue_full_events']} times (the CPU waited on the GPU)")
+        lines.append("   kernel time by category: " + ", ".join(f"{k} {v:.3f} s" for k, v in p["kernel_s_by_category"].items()))
+    if p["range_device_s"] and p["gpu_kernel_s"] is not None:
+        lines.append("   device time inside forward calls (student and teacher; backward not included): " + ", ".join(
+            f"{k} {v:.3f} s" for k, v in p["range_device_s"].items() if v is not None))
+    for key, label in (("top_ops_by_self_device_time", "top ops by self GPU time"), ("top_kernels", "top GPU kernels"),
+                       ("top_ops_by_self_cpu_time", "top ops by self CPU time")):
+        if p[key]:
+            lines.append(f"   {label}:")
+            lines += [f"   {o['s'] * 1e3:10.1f} ms {o['calls']:7d}x  {o['name'][:120]}" for o in p[key]]
+    return "\n".join(lines)

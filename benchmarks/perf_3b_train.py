@@ -1,0 +1,430 @@
+"""Training-step part of perf_3b.py: Vision-OPD and GRPO steps at a real shape, variants, profiles.
+
+One training run (`start_run`, as `zoomless train` builds it) serves every variant, in this order:
+
+  fp32 weights + bf16 autocast, activation checkpointing (the project's training defaults):
+    hf-plain      stock transformers forward + backward on the same sequences: the labels loss over
+                  full logits, HF's per-window vision attention; no optimizer step (the reference)
+    opd           a Vision-OPD step (`opd_step`); the teacher is the live student (the same
+                  forward on the crop, without the 15 GB fp32 EMA copy, so that it fits 80 GB)
+    grpo          a GRPO step (`grpo_step`)
+  bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
+  for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
+    grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
+    opd-bf16-nogc-frozen-vision (vision tower not trained: no vision backward; changes the recipe),
+    opd-bf16-aligned       the vision MLP zero-padded from 3,420 to 3,456 units (`align_vision_mlp`:
+                           the same function and gradients; bf16 GEMMs whose sizes are not a
+                           multiple of 8 run on slow kernels),
+    opd-bf16-aligned-fused as opd-bf16-aligned with torch's fused AdamW (one kernel per step)
+
+Without checkpointing ("nogc") a micro-batch of `--nogc-micro` sequences is tried first and halved
+on out-of-memory. Every step's rollouts come from the fixed engine (distributed_common.FixedEngine):
+`--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
+samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
+step of `opd` and one of `opd-bf16-aligned-fused` run under torch.profiler.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed_common as dc  # noqa: E402
+import perf_3b_measure as pm  # noqa: E402
+
+StepFn = Callable[[Any], Any]  # step(timer) -> metrics
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def free_memory(run: Any) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, Any]:
+    """Median seconds of `steps` steps after `warmup`, the mean seconds per phase (the recipes'
+    Timer: phases are host-side and approximate, the step time is synchronised) and peak memory."""
+    from zoomless.train.common import Timer
+
+    for _ in range(warmup):
+        step(Timer())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds, phases = [], {}
+    for _ in range(steps):
+        timer = Timer()
+        sync(cuda)
+        t0 = time.perf_counter()
+        step(timer)
+        sync(cuda)
+        seconds.append(time.perf_counter() - t0)
+        for k, v in timer.seconds.items():
+            phases[k] = phases.get(k, 0.0) + v / steps
+    return {
+        "seconds_per_step": statistics.median(seconds),
+        "phases_s": phases,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
+
+
+def guarded(run: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`fn()`, or {"error": "out of memory"} when the GPU runs out (the run goes on)."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        free_memory(run)
+        return {"error": "out of memory"}
+
+
+# ----------------------------------------------------------------------------- model and optimizer switches
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    from zoomless.train.common import enable_activation_checkpointing
+
+    if on:
+        enable_activation_checkpointing(model)
+    else:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+
+
+def inner_optimizer(run: Any) -> torch.optim.Optimizer:
+    return getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper
+
+
+def to_bf16_weights(run: Any) -> None:
+    """Weights (in place: the optimizer keeps its parameters), gradients and AdamW states in bf16."""
+    free_memory(run)
+    inner_optimizer(run).state.clear()
+    run.model.to(torch.bfloat16)
+    free_memory(run)
+
+
+def use_fused_adamw(run: Any) -> None:
+    """torch's fused AdamW kernel from the next step on (its step counters live on the GPU, so the
+    state starts afresh)."""
+    opt = inner_optimizer(run)
+    opt.state.clear()
+    for group in opt.param_groups:
+        group.update(fused=True, foreach=False)
+
+
+@torch.no_grad()
+def align_vision_mlp(model: nn.Module, multiple: int = 64) -> int:
+    """Zero-pad every vision MLP's intermediate size to a multiple of `multiple` (3,420 -> 3,456 at
+    the 3B shape), in place. A padded unit computes act(0) * 0 = 0 and gets zero gradients (the
+    down projection's padded columns are zero), so outputs, losses and updates are unchanged.
+    Returns the new size."""
+    size = 0
+    for block in model.model.visual.blocks:
+        mlp = block.mlp
+        inter = mlp.up_proj.out_features
+        size = inter + (-inter) % multiple
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight.data = torch.cat([lin.weight, lin.weight.new_zeros(size - inter, lin.in_features)])
+            if lin.bias is not None:
+                lin.bias.data = torch.cat([lin.bias, lin.bias.new_zeros(size - inter)])
+            lin.out_features = size
+        down = mlp.down_proj
+        down.weight.data = torch.cat([down.weight, down.weight.new_zeros(down.out_features, size - inter)], dim=1)
+        down.in_features = size
+    return size
+
+
+def attention_implementations(model: nn.Module) -> dict[str, Any]:
+    from zoomless.models.fast_vision import PATCHED
+
+    return {
+        "language_model": getattr(model.config.get_text_config(), "_attn_implementation", None),
+        "vision": getattr(model.config.vision_config, "_attn_implementation", None),
+        "vision_batched_by_window_length": any(getattr(m, PATCHED, False) for m in model.modules()),
+    }
+
+
+# ----------------------------------------------------------------------------- the sequences
+
+
+def step_sequences(cfg: Any, run: Any, engine: Any) -> dict[str, Any]:
+    """The sequences every step runs (the data holds exactly one batch of prompts): the student's
+    and the teacher's, as FLOP-counting `Seq`s, the rollouts, and the student prompt encodings."""
+    from zoomless.engines.base import SamplingParams
+    from zoomless.train.batching import encode_prompt
+    from zoomless.train.common import Rollout, view_conversation
+    from zoomless.train.opd import view_kwargs
+
+    view = view_kwargs(cfg)
+    student = [view_conversation(s, cfg.student_view, **view) for s in run.samples]
+    teacher = [view_conversation(s, cfg.teacher_view, **view) for s in run.samples]
+    s_prompts = [encode_prompt(run.processor, c) for c in student]
+    t_prompts = [encode_prompt(run.processor, c) for c in teacher]
+    gens = engine.generate(student, SamplingParams(n=cfg.n, max_new_tokens=cfg.max_new_tokens))
+    rollouts = [Rollout(i, g.token_ids, None, g.text, g.finish_reason) for i, gs in enumerate(gens) for g in gs]
+
+    def seq(p: Any, r: Any) -> pm.Seq:
+        grids = [tuple(g) for g in p.vision["image_grid_thw"].tolist()] if "image_grid_thw" in p.vision else []
+        return pm.Seq(len(p.input_ids) + len(r.token_ids), len(r.token_ids), grids)
+
+    return {
+        "student": [seq(s_prompts[r.prompt_index], r) for r in rollouts],
+        "teacher": [seq(t_prompts[r.prompt_index], r) for r in rollouts],
+        "rollouts": rollouts,
+        "prompts": s_prompts,
+    }
+
+
+def padding_share(seqs: list[pm.Seq], micro: int) -> float:
+    """Share of the padded positions in the student's micro-batches (right padding to the longest)."""
+    padded = real = 0
+    for i in range(0, len(seqs), micro):
+        lengths = [s.tokens for s in seqs[i : i + micro]]
+        padded += len(lengths) * max(lengths)
+        real += sum(lengths)
+    return 1.0 - real / padded
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def hf_plain_step(run: Any, seqs: dict[str, Any], micro: int) -> StepFn:
+    """Stock transformers: forward with labels (full logits, HF's loss), backward, no optimizer
+    step; HF's own vision attention (the zoomless batching patch is lifted while it runs)."""
+    from zoomless.models.fast_vision import patch_vision_attention, unpatch_vision_attention
+    from zoomless.train.common import rollout_batch
+
+    batches = []
+    for i in range(0, len(seqs["rollouts"]), micro):
+        b = rollout_batch(run, seqs["prompts"], seqs["rollouts"][i : i + micro])
+        labels = torch.full_like(b.inputs["input_ids"], -100)
+        labels[b.rows, b.positions + 1] = b.targets  # HF shifts: logits at p predict the label at p + 1
+        batches.append((b.inputs, labels))
+
+    def step(timer: Any) -> None:
+        unpatch_vision_attention(run.model)
+        try:
+            with timer("forward+backward"):
+                for inputs, labels in batches:
+                    with run.autocast():
+                        loss = run.model(**inputs, labels=labels, use_cache=False).loss
+                    loss.backward()
+                    del loss
+            run.model.zero_grad(set_to_none=True)
+        finally:
+            patch_vision_attention(run.model)
+
+    return step
+
+
+def opd_step_fn(cfg: Any, run: Any, teacher: nn.Module, engine: Any, banned: list[int], counter: Iterator[int]) -> StepFn:
+    from zoomless.train.opd import opd_step
+
+    return lambda timer: opd_step(cfg, run, teacher, engine, banned, next(counter), timer)
+
+
+def grpo_step_fn(cfg: Any, run: Any, engine: Any, banned: list[int], counter: Iterator[int]) -> StepFn:
+    from zoomless.train.grpo import grpo_step
+
+    return lambda timer: grpo_step(cfg, run, engine, banned, next(counter), timer)
+
+
+def grpo_config(cfg: Any) -> Any:
+    """The GRPO config of the same run (the OPD-only fields left out, as GRPOConfig demands)."""
+    from zoomless.train.config import OPD_ONLY_FIELDS, GRPOConfig
+
+    return GRPOConfig(**cfg.model_dump(exclude=set(OPD_ONLY_FIELDS)))
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def variant_result(
+    name: str, m: dict[str, Any], config: Any, seqs: dict[str, Any], *, teacher: bool, vision_trained: bool,
+    checkpointing: bool, micro: int, peak_flops: float | None, what: str,
+) -> dict[str, Any]:
+    out = {"variant": name, "what": what, "gradient_checkpointing": checkpointing, "micro_batch": micro, **m}
+    if "error" in m:
+        return out
+    flops = pm.step_flops(config, seqs["student"], seqs["teacher"] if teacher else (),
+                          vision_trained=vision_trained, checkpointing=checkpointing)
+    s = m["seconds_per_step"]
+    response = sum(q.head_tokens for q in seqs["student"])
+    sequence = sum(q.tokens for q in seqs["student"])
+    out.update(
+        response_tokens_per_s=response / s, sequence_tokens_per_s=sequence / s,
+        model_tflop_per_step=flops["model"] / 1e12, recompute_tflop_per_step=flops["recompute"] / 1e12,
+        achieved_tflop_s=flops["model"] / s / 1e12,
+        mfu=flops["model"] / s / peak_flops if peak_flops else None,
+        hfu=(flops["model"] + flops["recompute"]) / s / peak_flops if peak_flops else None,
+        tflop_by_part={k: v / 1e12 for k, v in flops["parts"].items()},
+    )
+    return out
+
+
+def flop_check(run: Any, seqs: dict[str, Any]) -> dict[str, Any]:
+    """The analytic forward FLOPs of one student sequence (backbone, no head) against torch's
+    FlopCounterMode on the real forward: matmuls and convolutions apart from attention kernels. The
+    counter counts attention as if it were not causal (so the analytic side does too here), has no
+    formula for grouped-query SDPA (the key/value heads are repeated while it counts) nor for the
+    CPU's attention kernel."""
+    from unittest import mock
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zoomless.train.batching import backbone_hidden
+    from zoomless.train.common import rollout_batch
+
+    b = rollout_batch(run, seqs["prompts"], seqs["rollouts"][:1])
+    counter = FlopCounterMode(display=False)
+    no_gqa = mock.patch("transformers.integrations.sdpa_attention.use_gqa_in_sdpa", lambda *args, **kw: False)
+    with torch.no_grad(), run.autocast(), no_gqa, counter:
+        backbone_hidden(run.model, b.inputs, b.rows, b.positions)
+    by_op = {str(k): float(v) for k, v in counter.get_flop_counts()["Global"].items()}
+    attention = sum(v for k, v in by_op.items() if "attention" in k)
+    s = seqs["student"][0]
+    f = pm.forward_flops(run.model.config, pm.Seq(s.tokens, 0, s.grids), causal=False)
+    linear = f["lm_linear"] + f["vision_linear"]
+    return {
+        "counted_tflop_by_op": {k: v / 1e12 for k, v in by_op.items()},
+        "analytic_over_counted_matmuls": linear / (sum(by_op.values()) - attention),
+        "analytic_over_counted_attention": (f["lm_attention"] + f["vision_attention"]) / attention if attention else None,
+    }
+
+
+# ----------------------------------------------------------------------------- the part
+
+
+def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: float | None, save: Callable) -> None:
+    """Every variant in turn; `save(results)` after each one, so a stopped run keeps what it measured."""
+    from zoomless.models.loading import vision_token_ids
+    from zoomless.train.common import start_run
+    from zoomless.train.config import OPDConfig
+    from zoomless.train.ema import make_teacher
+
+    cfg = OPDConfig(
+        model_dir=model_dir, data=data, out_dir=a.work / "train-run", batch_size=a.prompts, n=a.rollouts,
+        micro_batch_size=a.micro, max_new_tokens=a.response_len, max_pixels=a.max_pixels, gradient_checkpointing=True,
+        teacher="student", dtype=a.dtype, device="auto" if torch.cuda.is_available() else "cpu", lr=1e-6,
+        warmup_steps=0, max_steps=10**6, tensorboard=False, progress=False,
+    )
+    run = start_run(cfg)
+    cuda = run.device.type == "cuda"
+    engine = dc.FixedEngine(run.processor, a.response_len)
+    banned = vision_token_ids(run.processor)
+    seqs = step_sequences(cfg, run, engine)
+    counter = iter(range(1, 10**9))
+    opd_flops = pm.step_flops(run.model.config, seqs["student"], seqs["teacher"])
+    vision = opd_flops["parts"]["vision_linear"] + opd_flops["parts"]["vision_attention"]
+    results: dict[str, Any] = {
+        "setup": {
+            "prompts": a.prompts, "rollouts": a.rollouts, "response_tokens": seqs["student"][0].head_tokens,
+            "student_sequence_tokens": statistics.mean(q.tokens for q in seqs["student"]),
+            "teacher_sequence_tokens": statistics.mean(q.tokens for q in seqs["teacher"]),
+            "image_grid_thw": seqs["student"][0].grids, "micro_batch": a.micro,
+            "student_padding_share": padding_share(seqs["student"], a.micro),
+            "attention": attention_implementations(run.model), "autocast": str(run.dtype),
+        },
+        "variants": [],
+        "profiles": {},
+        "opd_vision_share_of_model_flops": vision / opd_flops["model"],
+        # the rollouts of one prompt share its image: encoding it once per prompt, not once per sequence
+        "opd_flops_saved_by_one_vision_pass_per_prompt": vision * (1 - a.prompts / len(seqs["student"]))
+        / opd_flops["model"],
+    }
+    try:  # before any variant changes the model
+        results["flop_check"] = flop_check(run, seqs)
+    except Exception as e:  # noqa: BLE001 - a check that cannot run must not cost the measurements
+        results["flop_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    timing = dict(warmup=a.warmup, steps=a.steps, cuda=cuda)
+
+    def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: bool, micro: int, vision: bool = True) -> None:
+        print(f"[train] {name} ...", flush=True)
+        m = guarded(run, lambda: measure(step, **timing))
+        r = variant_result(name, m, run.model.config, seqs, teacher=teacher, vision_trained=vision, checkpointing=gc_on,
+                           micro=micro, peak_flops=peak_flops, what=what)
+        mfu = "" if r.get("mfu") is None else f", MFU {r['mfu']:.1%}"
+        peak = "" if r.get("peak_memory_gib") is None else f", peak {r['peak_memory_gib']:.1f} GiB"
+        print(f"[train] {name}: " + (r["error"] if "error" in r else
+              f"{r['seconds_per_step']:.3f} s/step, {r['sequence_tokens_per_s']:.0f} seq tok/s{mfu}{peak}"), flush=True)
+        results["variants"].append(r)
+        save(results)
+
+    def nogc(name: str, make: Callable[[int], StepFn], what: str, **kw: Any) -> None:
+        """A variant without checkpointing: micro-batch `--nogc-micro`, halved on out-of-memory."""
+        micro = a.nogc_micro
+        while True:
+            add(name, make(micro), what, gc_on=False, micro=micro, **kw)
+            if "error" not in results["variants"][-1] or micro == 1:
+                return
+            results["variants"].pop()
+            micro //= 2
+
+    def profile(name: str, step: StepFn) -> None:
+        print(f"[train] profiling one {name} step ...", flush=True)
+        ranges = {"vision_tower": run.model.model.visual, "language_model": run.model.model.language_model}
+        p = guarded(run, lambda: pm.profile_call(lambda: step(Timer()), ranges))
+        results["profiles"][name] = p
+        if "error" not in p:
+            text = pm.profile_text(f"one {name} step", p)
+            print(text, flush=True)
+            (out / f"profile_{name}.txt").write_text(text + "\n")
+        save(results)
+
+    from zoomless.train.common import Timer
+
+    # fp32 weights + bf16 autocast, checkpointing on: the project's defaults
+    add("hf-plain", hf_plain_step(run, seqs, a.micro), "stock transformers fwd+bwd (labels loss), no optimizer step",
+        teacher=False, gc_on=True, micro=a.micro)
+    opd = opd_step_fn(cfg, run, run.model, engine, banned, counter)
+    add("opd", opd, "Vision-OPD step, fp32 weights, teacher = live student", teacher=True, gc_on=True, micro=a.micro)
+    add("grpo", grpo_step_fn(grpo_config(cfg), run, engine, banned, counter), "GRPO step, fp32 weights",
+        teacher=False, gc_on=True, micro=a.micro)
+    if a.profile:
+        profile("opd", opd)
+
+    # bf16 weights, gradients and optimizer states
+    to_bf16_weights(run)
+    set_checkpointing(run.model, False)
+    nogc("grpo-bf16-nogc", lambda m: grpo_step_fn(grpo_config(cfg.model_copy(update={"micro_batch_size": m})), run,
+                                                  engine, banned, counter), "GRPO step, bf16 weights", teacher=False)
+    ema_cfg = cfg.model_copy(update={"teacher": "ema"})
+    teacher = make_teacher(run.model, "ema")  # fp32, as the recipe keeps it
+
+    def opd_bf16(m: int) -> StepFn:
+        return opd_step_fn(ema_cfg.model_copy(update={"micro_batch_size": m}), run, teacher, engine, banned, counter)
+
+    set_checkpointing(run.model, True)
+    add("opd-bf16", opd_bf16(a.micro), "Vision-OPD step, bf16 weights, fp32 EMA teacher", teacher=True, gc_on=True,
+        micro=a.micro)
+    set_checkpointing(run.model, False)
+    nogc("opd-bf16-nogc", opd_bf16, "Vision-OPD step, bf16 weights, fp32 EMA teacher", teacher=True)
+    run.model.model.visual.requires_grad_(False)
+    nogc("opd-bf16-nogc-frozen-vision", opd_bf16, "as opd-bf16-nogc, vision tower frozen (changes what is trained)",
+         teacher=True, vision=False)
+    run.model.model.visual.requires_grad_(True)
+    set_checkpointing(run.model, True)
+    size = align_vision_mlp(run.model)
+    align_vision_mlp(teacher)
+    inner_optimizer(run).state.clear()  # the padded parameters changed shape
+    add("opd-bf16-aligned", opd_bf16(a.micro), f"as opd-bf16, vision MLP zero-padded to {size} units (exact)",
+        teacher=True, gc_on=True, micro=a.micro)
+    use_fused_adamw(run)
+    add("opd-bf16-aligned-fused", opd_bf16(a.micro), "as opd-bf16-aligned, fused AdamW", teacher=True, gc_on=True,
+        micro=a.micro)
+    if a.profile:
+        profile("opd-bf16-aligned-fused", opd_bf16(a.micro))
