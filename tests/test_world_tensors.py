@@ -1,0 +1,194 @@
+"""ZoomWorld tensors and the on-device trainer: the model sees exactly what `zoomless eval` feeds it
+(prompt ids, pixels, position ids, answers), and training on these batches learns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zoomless.demo import AREA, SIZE, shipped_model_dir
+from zoomless.engines.base import conversation
+from zoomless.imaging import render_view
+from zoomless.models.loading import encode_conversations, load_vlm
+from zoomless.prompts import format_question
+from zoomless.train.batching import build_batch, encode_prompt, response_hidden
+from zoomless.train.common import end_of_turn_id
+from zoomless.world.scene import render_scene
+from zoomless.world.tensors import WorldSpec, build_world, image_positions, image_stats, make_batch, view_margin
+from zoomless.world.trainer import (
+    FitConfig,
+    History,
+    OPDConfig,
+    evaluate,
+    fit_opd,
+    fit_sft,
+    gap_closed,
+    parse_schedule,
+    stage_at,
+)
+
+VIEWS = ("full", "crop", "crop@1.5")
+SPEC = WorldSpec(split="test", size=SIZE, min_area_fraction=AREA[0], max_area_fraction=AREA[1])
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_vlm(shipped_model_dir("zoomworld-base"), device="cpu", dtype=torch.float32, max_pixels=SIZE * SIZE)
+
+
+@pytest.fixture(scope="module")
+def world(base):
+    model, processor = base
+    return build_world(SPEC, 30, VIEWS, processor, end_of_turn_id(model, processor), progress=False)
+
+
+def _eval_conversation(sample, view):
+    """The conversation `zoomless eval` builds for one view of a sample."""
+    margin = view_margin(view)
+    image, question = render_view(sample, "full" if margin is None else "crop", render_scene(SPEC.sample(
+        sample.meta["index"])[0]), crop_margin=margin or 0.0, max_pixels=SIZE * SIZE)
+    return conversation([image], format_question(sample, question, "open"))
+
+
+def test_bad_view_names_fail_before_rendering():
+    for bad in ("zoom", "crop@", "crop@-1", "crop@x"):
+        with pytest.raises(ValueError, match="unknown view"):
+            view_margin(bad)
+    assert view_margin("full") is None and view_margin("crop") == 0.25 and view_margin("crop@2") == 2.0
+
+
+def test_every_bucket_matches_the_processor(base, world):
+    """Ids, pixel values and grid of one item of every bucket (crops under the processor's
+    minimum size included) equal what the processor makes of the eval conversation."""
+    _, processor = base
+    stats = image_stats(processor)
+    checked = 0
+    for view in VIEWS:
+        for bucket in world.buckets[view]:
+            sample = world.samples[int(bucket.rows[0])]
+            enc = encode_conversations(processor, [_eval_conversation(sample, view)])
+            got = make_batch(world, bucket, torch.tensor([0]), stats, with_answer=False).inputs
+            assert torch.equal(enc["input_ids"], got["input_ids"]), (view, bucket.grid)
+            assert torch.equal(enc["image_grid_thw"], got["image_grid_thw"])
+            torch.testing.assert_close(enc["pixel_values"], got["pixel_values"], atol=1e-5, rtol=0)
+            checked += 1
+    assert checked >= 5  # the crops come in several sizes
+
+
+def test_positions_match_the_models_own_rope_index(base):
+    """The batch's explicit 3D position ids give the logits the model computes without them."""
+    model, processor = base
+    sample = SPEC.sample(3)[1]
+    enc = encode_conversations(processor, [_eval_conversation(sample, "crop")])
+    grid = tuple(enc["image_grid_thw"][0, 1:].tolist())
+    n_img = grid[0] * grid[1] // 4
+    prefix = (enc["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).nonzero()[0, 0]
+    pos = image_positions(int(prefix), grid, enc["input_ids"].shape[1] - int(prefix) - n_img)
+    with torch.no_grad():
+        want = model(**enc).logits
+        got = model(**{k: v for k, v in enc.items() if k != "mm_token_type_ids"}, position_ids=pos[:, None]).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_teacher_forced_answers_match_the_training_batch_path(base, world):
+    """A multi-row batch of one bucket (different question lengths, right padding) gives the same
+    answer-token hidden states as `train/batching.py` on the processor's encodings."""
+    model, processor = base
+    stats = image_stats(processor)
+    bucket = world.buckets["crop"][0]
+    picks = torch.arange(min(6, len(bucket.rows)))
+    batch = make_batch(world, bucket, picks, stats)
+    rows = bucket.rows[picks]
+    answers = [world.answer[r, : world.answer_len[r]].tolist() for r in rows]
+    prompts = [encode_prompt(processor, _eval_conversation(world.samples[int(r)], "crop")) for r in rows]
+    ref = build_batch(prompts, answers, world.pad_id)
+    with torch.no_grad():
+        want = response_hidden(model, ref)
+        hidden = model.model(**batch.inputs, use_cache=False).last_hidden_state
+    got = torch.cat([hidden[i, batch.answer_start[i] - 1 + torch.arange(len(a))] for i, a in enumerate(answers)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_accuracy_matches_the_shipped_numbers(base, world):
+    """The base answers from crops and not from the full scene (as `zoomless eval` measures)."""
+    model, processor = base
+    stats = image_stats(processor)
+    crop = evaluate(model, world, "crop", stats, processor.tokenizer)
+    full = evaluate(model, world, "full", stats, processor.tokenizer)
+    assert crop["n"] == full["n"] == 30
+    assert crop["accuracy"]["all"] >= 30 and crop["accuracy"]["all"] - full["accuracy"]["all"] >= 20, (crop, full)
+    assert set(crop["accuracy"]) >= {"all", "counting", "object"}
+
+
+def test_schedule_stages_split_the_run():
+    stages = parse_schedule("0.2:crop=1;100:crop@1=.5,crop=.5;0:full=.75,crop=.25")
+    assert [s.views for s in stages][1] == {"crop@1": 0.5, "crop": 0.5}
+    assert stage_at(stages, 0, 1000) is stages[0] and stage_at(stages, 199, 1000) is stages[0]
+    assert stage_at(stages, 200, 1000) is stages[1] and stage_at(stages, 299, 1000) is stages[1]
+    assert stage_at(stages, 300, 1000) is stages[2] and stage_at(stages, 5000, 1000) is stages[2]
+    assert parse_schedule("crop")[0].views == {"crop": 1.0}
+    with pytest.raises(ValueError, match="bad weight"):
+        parse_schedule("crop=lots")
+
+
+def test_gap_closed():
+    assert gap_closed(10.0, 55.0, 100.0) == 50.0
+    assert gap_closed(10.0, 5.0, 100.0) == pytest.approx(-5.6)
+    assert gap_closed(50.0, 60.0, 40.0) is None  # no gap to close
+
+
+def test_sft_on_device_batches_learns(tiny_model):
+    """Thirty steps on a handful of crops drive their answer loss down (memorised: the point is
+    that the batches carry the right targets and gradients flow)."""
+    model, processor = load_vlm(tiny_model, device="cpu", dtype=torch.float32, max_pixels=SIZE * SIZE)
+    data = build_world(SPEC, 8, ("crop",), processor, end_of_turn_id(model, processor), progress=False)
+    hist = History()
+    cfg = FitConfig(lr=3e-3, batch=8, warmup=1, max_steps=30, seconds=600, eval_every=0)
+    assert fit_sft(model, data, parse_schedule("crop=1"), image_stats(processor), cfg, hist) == 30
+    losses = [r["loss"] for r in hist.rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_opd_reads_no_labels_and_moves_the_student(base, world, tmp_path):
+    """Vision-OPD with a crop anchor runs, logs both terms, and changes the student's weights;
+    blanking every gold answer changes nothing (the method never reads them)."""
+    model, processor = base
+    stats = image_stats(processor)
+
+    def run(data):
+        student = copy.deepcopy(model)
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        hist = History(tmp_path / "h.jsonl")
+        cfg = OPDConfig(batch=4, rollouts=2, max_steps=2, seconds=600, eval_every=0, crop_anchor=1.0, max_new=4)
+        fit_opd(student, teacher, data, stats, cfg, hist)
+        return student, hist
+
+    student, hist = run(world)
+    assert {"jsd", "anchor_jsd", "response_len"} <= set(hist.rows[0])
+    moved = max((a - b).abs().max().item() for a, b in zip(student.parameters(), model.parameters()))
+    assert moved > 0
+    blind = copy.copy(world)
+    blind.answer = torch.full_like(world.answer, world.pad_id)
+    student2, _ = run(blind)
+    for a, b in zip(student.parameters(), student2.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_r2i_labels_and_grpo(base, world):
+    """The BASE's crop answers, kept where its votes agree, are labels more accurate than its
+    average crop answer; GRPO on them runs and rewards answers equal to a label."""
+    from zoomless.world.trainer import GRPOConfig, fit_grpo, synthesize_labels
+
+    model, processor = base
+    stats = image_stats(processor)
+    labelled, funnel = synthesize_labels(model, world, stats, votes=4, min_agree=0.75)
+    assert funnel["scenes"] == 30 and 0 < funnel["kept"] <= 30
+    kept = {int(r) for b in labelled.buckets["full"] for r in b.rows}
+    assert len(kept) == funnel["kept"]
+    assert funnel["label_accuracy"] >= 50, funnel
+    hist = History()
+    cfg = GRPOConfig(batch=2, rollouts=4, max_steps=2, seconds=600, eval_every=0, max_new=4)
+    assert fit_grpo(copy.deepcopy(model), labelled, stats, cfg, hist) == 2
+    assert 0.0 <= hist.rows[0]["reward"] <= 1.0
