@@ -175,6 +175,7 @@ def cmd_models(args) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2))
     args.profile = False
     if args.ceiling_seconds > 0:
+        args.lr = args.ceiling_lr or args.lr
         train_sft_run("ceiling", model, data, stats, processor, args, args.ceiling_schedule, args.ceiling_seconds, out,
                       results)
         save_bf16(model, processor, out, "zoomworld-ceiling")
@@ -202,7 +203,8 @@ def cmd_opd(args) -> None:
     ceiling, _ = load(Path(args.ceiling), device)
     stats = image_stats(processor)
     args.train_n = args.opd_train_n
-    data = worlds(args, processor, end_of_turn_id(base, processor), device, ("full", "crop"))
+    teacher_views = {parse_variant(v)[1].get("teacher_view", "crop") for v in args.variant}
+    data = worlds(args, processor, end_of_turn_id(base, processor), device, ("full", "crop", *sorted(teacher_views - {"full", "crop"})))
     tok = processor.tokenizer
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -214,7 +216,13 @@ def cmd_opd(args) -> None:
     if args.grpo_variant:
         labeller = load(Path(args.label_model), device)[0] if args.label_model else base
         t = time.perf_counter()
-        labelled, funnel = synthesize_labels(labeller, data["train"], stats, votes=args.votes, min_agree=args.min_agree)
+        try:
+            labelled, funnel = synthesize_labels(labeller, data["train"], stats, votes=args.votes,
+                                                 min_agree=args.min_agree)
+        except ValueError as e:  # no label passed the vote: nothing to train GRPO on, the rest stands
+            results["r2i_funnel"] = {"error": str(e)}
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            return log("R2I:", e)
         del labeller
         results["r2i_funnel"] = {**funnel, "votes": args.votes, "min_agree": args.min_agree,
                                  "seconds": round(time.perf_counter() - t, 1)}
@@ -228,7 +236,7 @@ def run_variants(method, spec, cls, args, train, data, stats, processor, results
     name, overrides = parse_variant(spec, cls)
     device = train.device
     tok = processor.tokenizer
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = cls(seconds=args.opd_seconds, eval_every=args.eval_every, seed=seed, **overrides)
         student, _ = load(Path(args.base), device)
         hist = History(out / "logs" / f"history_{method}_{name}_s{seed}.jsonl")
@@ -252,7 +260,7 @@ def run_variants(method, spec, cls, args, train, data, stats, processor, results
         results["variants"].setdefault(f"{method}:{name}", []).append(row)
         log(f"{method} {name} seed {seed}: {steps} steps, test full {test['full']['all']} crop {test['crop']['all']}, "
             f"gap closed {row['gap_closed_test']}%")
-        if seed == 0 and f"{method}:{name}" == args.variant_to_save:
+        if seed == args.first_seed and f"{method}:{name}" == args.variant_to_save:
             save_bf16(student, processor, out, f"zoomworld-{method}-{name}")
         (out / "results.json").write_text(json.dumps(results, indent=2))
         del student
@@ -288,6 +296,33 @@ def cmd_plot(args) -> None:
     print(args.png)
 
 
+def cmd_gaps(args) -> None:
+    """The test gap (crop - full) per dimension of the BASE, the CEILING and each variant's seeds
+    (mean), from an `opd` run's results.json, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(Path(args.results).read_text())
+    rows = {"BASE": [res["base"]["test"]["gap"]], "CEILING": [res["ceiling"]["test"]["gap"]]}
+    rows.update({name: [r["test"]["gap"] for r in runs] for name, runs in res["variants"].items()})
+    dims = list(rows["BASE"][0])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(rows)
+    for i, (name, gaps) in enumerate(rows.items()):
+        means = [sum(g[d] for g in gaps) / len(gaps) for d in dims]
+        ax.bar([j + i * width for j in range(len(dims))], means, width, label=f"{name} (n={len(gaps)})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(dims))], dims)
+    ax.set(ylabel="gap: crop - full accuracy (points)", title=f"ZoomWorld test gap per dimension ({res['device']}, "
+           f"{res['date']})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(args.png)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -311,6 +346,7 @@ def main(argv=None) -> None:
     m.add_argument("--train-n", type=int, default=60000)
     m.add_argument("--batch", type=int, default=256)
     m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--ceiling-lr", type=float, default=0.0, help="the CEILING stage's lr (0: --lr)")
     m.add_argument("--warmup", type=int, default=200)
     m.add_argument("--base-seconds", type=float, default=200)
     m.add_argument("--ceiling-seconds", type=float, default=220)
@@ -321,18 +357,22 @@ def main(argv=None) -> None:
     o.add_argument("--opd-train-n", type=int, default=20000)
     o.add_argument("--opd-seconds", type=float, default=60)
     o.add_argument("--seeds", type=int, default=1)
+    o.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     o.add_argument("--variant", action="append", default=[], help="Vision-OPD run, name:key=value,... (OPDConfig fields)")
     o.add_argument("--grpo-variant", action="append", default=[], help="R2I GRPO run, name:key=value,... (GRPOConfig fields)")
     o.add_argument("--votes", type=int, default=5, help="R2I: answers of the BASE per crop")
     o.add_argument("--label-model", default="", help="R2I: the model that votes on crops (default: --base)")
     o.add_argument("--min-agree", type=float, default=0.8, help="R2I: share of votes a label needs")
-    o.add_argument("--variant-to-save", default="", help="method:name of the run whose seed-0 model to save")
+    o.add_argument("--variant-to-save", default="", help="method:name of the run whose first seed's model to save")
     pl = sub.add_parser("plot", help="curves of history_*.jsonl files into one PNG")
     pl.add_argument("png")
     pl.add_argument("history", nargs="+")
+    g = sub.add_parser("gaps", help="the test gap per dimension of an `opd` results.json as bars")
+    g.add_argument("png")
+    g.add_argument("results")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
-    {"models": cmd_models, "opd": cmd_opd, "plot": cmd_plot}[args.cmd](args)
+    {"models": cmd_models, "opd": cmd_opd, "plot": cmd_plot, "gaps": cmd_gaps}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ def test_world_model_eval_end_to_end(tmp_path: Path) -> None:
     assert "gap" in out.stdout
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert set(results["views"]) == {"full", "crop"}
+    out = zoomless("coverage", str(tmp_path / "m"), str(tmp_path / "zw" / "test.jsonl"), "--out", str(tmp_path / "cov"),
+                   "--form", "open", "--max-pixels", str(112 * 112), "--device", "cpu", "--heatmaps", "1", "--limit", "3")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "cov" / "results.json").read_text())
+    assert results["settings"]["form"] == "open" and results["summary"]["n"] == 3
 
 
 def test_bad_input_gets_one_clear_line(tmp_path: Path) -> None:

@@ -123,6 +123,7 @@ def _engine(model: str, base_url: str | None, api_key: str | None, device: str, 
 _BENCHMARK = typer.Option(
     None, help="Public benchmark format (zoombench, vstar, hrbench-4k, hrbench-8k, mme-realworld[-cn|-lite], "
     "mmstar, pope, cvbench, mmvp, visualprobe); guessed from the file when omitted.")
+_FORM = typer.Option("mcq", help="mcq (options and a letter) or open (a word or phrase): the prompt's answer form.")
 _DATA = typer.Argument(..., help="A benchmark file or folder, zoomless JSONL/parquet, or the generic JSON form.")
 
 
@@ -133,7 +134,7 @@ def eval_cmd(
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", help="Where predictions.jsonl, results.json, summary.md go."),
     benchmark: Optional[str] = _BENCHMARK,
     views: str = typer.Option("full,crop", help="Comma-separated views: full, crop, zoom, overlay."),
-    form: str = typer.Option("mcq", help="mcq (options and a letter) or open (a word or phrase)."),
+    form: str = _FORM,
     tool_loop: bool = typer.Option(False, help="Thinking-with-Images baseline: the model may call a zoom tool."),
     oracle_box: bool = typer.Option(False, help="Tool loop only: the zoom tool uses the evidence box (for models that cannot ground)."),
     max_turns: int = typer.Option(4, help="Tool loop only: model calls per sample."),
@@ -189,6 +190,7 @@ def coverage(
     layer: Optional[int] = typer.Option(None, help="Decoder layer (0-based); default: --relative-depth."),
     relative_depth: float = typer.Option(0.5, help="Layer as a fraction of the depth, when --layer is not given."),
     view: str = typer.Option("full", help="full, overlay, crop or zoom."),
+    form: str = _FORM,
     max_pixels: Optional[int] = typer.Option(None, help="Pixel budget per image."),
     heatmaps: int = typer.Option(8, help="How many heatmap PNGs to write."),
     limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
@@ -200,7 +202,7 @@ def coverage(
 
     samples, _ = _load_samples(data, benchmark, 0, limit)
     model, processor = load_vlm(model_dir, device=device)
-    run_coverage(samples, model, processor, layer=layer, relative_depth=relative_depth, view=view,
+    run_coverage(samples, model, processor, layer=layer, relative_depth=relative_depth, view=view, form=form,
                  max_pixels=max_pixels, out_dir=out_dir, heatmaps=heatmaps, model_name=str(model_dir))
     console.print(f"results: {Path(out_dir) / 'results.json'}")
 
@@ -307,10 +309,10 @@ def train_grpo(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume:
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data, model and report."),
     n: int = typer.Option(60, "--n", "-n", help="ZoomWorld test samples."),
-    steps: int = typer.Option(100, help="Vision-OPD steps (about 2.4 s each on 2 CPU cores)."),
+    steps: int = typer.Option(100, help="Vision-OPD steps (about 1.4 s each on 2 CPU cores)."),
 ) -> None:
     """The whole story on a CPU: ZoomWorld, the shipped base model's dual-view table, a short label-free
-    Vision-OPD run, and the table again with a before/after chart."""
+    Vision-OPD run, the table again, and the shipped result of a longer run, with before/after charts."""
     from zoomless.demo import run_demo
 
     run_demo(out_dir, n=n, steps=steps, console=console)

@@ -10,6 +10,8 @@
    of the base scores those answers looking at the crop (on a CPU, 100 steps: the frozen teacher at
    lr 5e-5 kept more crop accuracy than the EMA teacher at 1e-4, docs/RESULTS.md).
 5. The dual-view table again, before -> after, and a chart of the change per dimension.
+6. The same method at length, when the package ships it (assets/zoomworld-opd: Vision-OPD from the
+   BASE with a committed command, docs/RESULTS.md): its table against the BASE, and its chart.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from rich.console import Console
 
 SIZE = 224  # scene side = pixel budget of every view (the shipped models' setting)
 AREA = (0.03, 0.06)  # evidence panel, fraction of the scene
-DEMO_STEPS = 100  # Vision-OPD steps: about 4 minutes on 2 CPU cores
+DEMO_STEPS = 100  # Vision-OPD steps: about 2.5 minutes on 2 CPU cores
+LONG_RUN = "zoomworld-opd"  # the BASE after a longer Vision-OPD run, when shipped
 
 
 def shipped_model_dir(name: str = "zoomworld-base") -> Path | None:
@@ -100,5 +103,15 @@ def run_demo(out_dir: Path, n: int = 60, steps: int = DEMO_STEPS, console: Conso
     gb, ga = before.gap()["all"], after.gap()["all"]
     console.print(f"zooming gap (crop - full, all dimensions): {100 * gb.gap:.1f} -> {100 * ga.gap:.1f} points; "
                   f"chart: {chart}")
+    out = {"model_dir": model_dir, "final": final, "before": before, "after": after}
+    long_dir = shipped_model_dir(LONG_RUN)
+    if model_dir == shipped_model_dir() and long_dir is not None:
+        console.rule("[bold]6. The same Vision-OPD at length (shipped, made by benchmarks/zoomworld_fast.py)")
+        out["long"] = _dual_view(test, long_dir, out_dir / "eval-long", "base + Vision-OPD (shipped run)")
+        console.print(compare_table(before, out["long"]))
+        chart = gap_change_chart(before, out["long"], out_dir / "gap_before_after_long.png")
+        gl = out["long"].gap()["all"]
+        console.print(f"zooming gap: BASE {100 * gb.gap:.1f}, after {steps} steps here {100 * ga.gap:.1f}, "
+                      f"after the shipped run {100 * gl.gap:.1f} points; chart: {chart}")
     console.print(f"done in {time.perf_counter() - t0:.0f} s; everything is in {out_dir}")
-    return {"model_dir": model_dir, "final": final, "before": before, "after": after}
+    return out

@@ -245,10 +245,14 @@ def run_loop(model: nn.Module, cfg: FitConfig, step_fn: Callable[[int, int], dic
     t0 = time.perf_counter()
     step = 0
     while step < total:
-        if cfg.max_steps is None and step == 30:  # fit the run into the budget from 30 timed steps
+        if cfg.max_steps is None and step == 10:  # the first steps pay for warm-up (cuDNN, allocator)
             _sync(device)
-            per_step = (time.perf_counter() - t0) / 30
-            total = max(31, int(cfg.seconds / per_step))
+            t10 = time.perf_counter()
+        if cfg.max_steps is None and step == 30:  # fit the run into the budget from 20 steady steps
+            _sync(device)
+            now = time.perf_counter()
+            per_step = (now - t10) / 20
+            total = max(31, 30 + int((cfg.seconds - (now - t0)) / per_step))
             history.log({"event": "budget", "seconds_per_step": round(per_step, 4), "steps": total})
         if profile is not None and step == 40:  # 5 steady-state steps under the profiler
             with profile():
