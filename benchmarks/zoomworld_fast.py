@@ -128,27 +128,26 @@ def profiler(out: Path):
     return ctx
 
 
-def train_sft_run(name, model, data, stats, processor, args, schedule, seconds, out, results):
-    cfg = FitConfig(lr=args.lr, batch=args.batch, warmup=args.warmup, seconds=seconds, eval_every=args.eval_every,
+def train_sft_run(name, model, data, stats, processor, args, schedule, seconds, lr, out, results, profile=False):
+    cfg = FitConfig(lr=lr, batch=args.batch, warmup=args.warmup, seconds=seconds, eval_every=args.eval_every,
                     seed=args.seed)
     hist = History(out / "logs" / f"history_{name}.jsonl")
-    val = data["val"]
+    last = {}  # run_loop always evaluates at its final step: that result is the run's val row
 
     def on_eval(step):
-        r = dual_view(model, val, stats, processor.tokenizer)
+        last["val"] = r = dual_view(model, data["val"], stats, processor.tokenizer)
         log(f"{name} step {step}: val full {r['full']['all']} crop {r['crop']['all']}")
         return {"val_full": r["full"]["all"], "val_crop": r["crop"]["all"]}
 
     t = time.perf_counter()
     steps = fit_sft(model, data["train"], parse_schedule(schedule), stats, cfg, hist, on_eval,
-                    profile=profiler(out) if args.profile else None)
+                    profile=profiler(out) if profile else None)
     wall = time.perf_counter() - t
     budget = next((r for r in hist.rows if r.get("event") == "budget"), {})
     results[name] = {
-        "schedule": schedule, "steps": steps, "seconds": round(wall, 1), "batch": args.batch, "lr": args.lr,
+        "schedule": schedule, "steps": steps, "seconds": round(wall, 1), "batch": args.batch, "lr": lr,
         "seconds_per_step": budget.get("seconds_per_step"), "samples_seen": steps * args.batch,
-        "val": dual_view(model, val, stats, processor.tokenizer),
-        "test": dual_view(model, data["test"], stats, processor.tokenizer),
+        "val": last["val"], "test": dual_view(model, data["test"], stats, processor.tokenizer),
     }
     log(name, json.dumps({k: results[name][k] for k in ("steps", "seconds_per_step", "test")}))
 
@@ -170,14 +169,13 @@ def cmd_models(args) -> None:
                "date": time.strftime("%Y-%m-%d"), "args": vars(args),
                "parameters": sum(p.numel() for p in model.parameters())}
     if args.base_seconds > 0:
-        train_sft_run("base", model, data, stats, processor, args, BASE_SCHEDULE, args.base_seconds, out, results)
+        train_sft_run("base", model, data, stats, processor, args, BASE_SCHEDULE, args.base_seconds, args.lr, out,
+                      results, profile=args.profile)
         save_bf16(model, processor, out, "zoomworld-base")
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    args.profile = False
     if args.ceiling_seconds > 0:
-        args.lr = args.ceiling_lr or args.lr
-        train_sft_run("ceiling", model, data, stats, processor, args, args.ceiling_schedule, args.ceiling_seconds, out,
-                      results)
+        train_sft_run("ceiling", model, data, stats, processor, args, args.ceiling_schedule, args.ceiling_seconds,
+                      args.ceiling_lr or args.lr, out, results)
         save_bf16(model, processor, out, "zoomworld-ceiling")
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -204,7 +202,8 @@ def cmd_opd(args) -> None:
     stats = image_stats(processor)
     args.train_n = args.opd_train_n
     teacher_views = {parse_variant(v)[1].get("teacher_view", "crop") for v in args.variant}
-    data = worlds(args, processor, end_of_turn_id(base, processor), device, ("full", "crop", *sorted(teacher_views - {"full", "crop"})))
+    views = ("full", "crop", *sorted(teacher_views - {"full", "crop"}))
+    data = worlds(args, processor, end_of_turn_id(base, processor), device, views)
     tok = processor.tokenizer
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -241,8 +240,10 @@ def run_variants(method, spec, cls, args, train, data, stats, processor, results
         student, _ = load(Path(args.base), device)
         hist = History(out / "logs" / f"history_{method}_{name}_s{seed}.jsonl")
 
-        def on_eval(step, student=student):
-            r = dual_view(student, data["val"], stats, tok)
+        last = {}  # run_loop always evaluates at its final step: that result is the run's val row
+
+        def on_eval(step, student=student, last=last):
+            last["val"] = r = dual_view(student, data["val"], stats, tok)
             return {"val_full": r["full"]["all"], "val_crop": r["crop"]["all"]}
 
         if method == "opd":
@@ -254,7 +255,7 @@ def run_variants(method, spec, cls, args, train, data, stats, processor, results
         test = dual_view(student, data["test"], stats, tok)
         b, c = results["base"]["test"], results["ceiling"]["test"]
         row = {"config": {k: getattr(cfg, k) for k in cls.__dataclass_fields__}, "steps": steps,
-               "val": dual_view(student, data["val"], stats, tok), "test": test,
+               "val": last["val"], "test": test,
                "gap_closed_test": gap_closed(b["full"]["all"], test["full"]["all"], c["full"]["all"]),
                "crop_change_test": round(test["crop"]["all"] - b["crop"]["all"], 2)}
         results["variants"].setdefault(f"{method}:{name}", []).append(row)

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -320,17 +320,26 @@ def fit_sft(model: nn.Module, data: WorldTensors, stages: list[Stage], stats: tu
     return run_loop(model, cfg, step_fn, history, on_eval, profile)
 
 
-def teacher_logits(teacher: nn.Module, data: WorldTensors, view: str, rows: Tensor, responses: Tensor,
-                   lengths: Tensor, stats: tuple) -> Tensor:
-    """Teacher logits [B, R, V] for `responses` to samples `rows` in `view`, one forward per image size."""
+def view_logits(model: nn.Module, data: WorldTensors, view: str, rows: Tensor, responses: Tensor, lengths: Tensor,
+                stats: tuple) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Logits for `responses` to samples `rows` seen in `view`, one forward per image size of that
+    view: yields (positions in `rows`, logits [b, R, V], valid [b, R]) per size."""
     where = data.locate(view)[rows]
-    out = None
     for k in where[:, 0].unique().tolist():
         sel = (where[:, 0] == k).nonzero().squeeze(1)
         batch = make_batch(data, data.buckets[view][k], where[sel, 1], stats, with_answer=False,
                            responses=responses[sel], response_len=lengths[sel])
-        with torch.no_grad(), _autocast(data.device):
-            logits, _ = token_logits(teacher, batch, responses[sel], lengths[sel])
+        with _autocast(data.device):
+            logits, valid = token_logits(model, batch, responses[sel], lengths[sel])
+        yield sel, logits, valid
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, data: WorldTensors, view: str, rows: Tensor, responses: Tensor,
+                   lengths: Tensor, stats: tuple) -> Tensor:
+    """Teacher logits [B, R, V] for `responses` to samples `rows` in `view`."""
+    out = None
+    for sel, logits, _ in view_logits(teacher, data, view, rows, responses, lengths, stats):
         if out is None:
             out = logits.new_zeros(len(rows), *logits.shape[1:])
         out[sel] = logits
@@ -375,16 +384,8 @@ def fit_opd(student: nn.Module, teacher: nn.Module, data: WorldTensors, stats: t
         loss = jsd(logits, t_logits, valid)
         metrics = {"jsd": round(float(loss.detach()), 4)}
         if cfg.crop_anchor > 0:  # the student on the teacher's view, pulled to the teacher there too
-            where = data.locate(cfg.teacher_view)[rows]
-            anchor = []
-            for kk in where[:, 0].unique().tolist():
-                sel = (where[:, 0] == kk).nonzero().squeeze(1)
-                b2 = make_batch(data, data.buckets[cfg.teacher_view][kk], where[sel, 1], stats, with_answer=False,
-                                responses=responses[sel], response_len=lengths[sel])
-                with _autocast(device):
-                    lg, vd = token_logits(student, b2, responses[sel], lengths[sel])
-                anchor.append(jsd(lg, t_logits[sel], vd) * len(sel))
-            anchor_loss = torch.stack(anchor).sum() / len(rows)
+            parts = view_logits(student, data, cfg.teacher_view, rows, responses, lengths, stats)
+            anchor_loss = sum(jsd(lg, t_logits[sel], vd) * len(sel) for sel, lg, vd in parts) / len(rows)
             metrics["anchor_jsd"] = round(float(anchor_loss.detach()), 4)
             loss = loss + cfg.crop_anchor * anchor_loss
         norm = _apply(student, opt, loss, cfg, step, total)
