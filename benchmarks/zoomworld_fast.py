@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from zoomless.train.common import end_of_turn_id
+from zoomless.world.stream import FreshScenes
 from zoomless.world.tensors import WorldSpec, build_world, image_stats
 from zoomless.world.trainer import (
     FitConfig,
@@ -90,14 +91,21 @@ def save_bf16(model, processor, out: Path, name: str) -> Path:
     return out / f"{name}.tar.gz"
 
 
+def world_spec(args, split: str) -> WorldSpec:
+    """The scenes of one split; the train split alone may have its own world seed (fresh scenes)."""
+    train = split == "train"
+    return WorldSpec(split=split, seed=args.train_seed if train else args.world_seed, size=args.size,
+                     min_area_fraction=args.min_area, max_area_fraction=args.max_area, frame_fraction=args.frame,
+                     locate_share=getattr(args, "locate_share", 0.0) if train else 0.0)
+
+
 def worlds(args, processor, eos: int, device, train_views) -> dict:
-    spec = dict(seed=args.world_seed, size=args.size, min_area_fraction=args.min_area, max_area_fraction=args.max_area)
     out = {}
-    for split, n, views in (("train", args.train_n, train_views), ("val", args.val_n, ("full", "crop")),
+    val_views = ("full", "crop", *getattr(args, "val_views", ()))
+    for split, n, views in (("train", args.train_n, train_views), ("val", args.val_n, val_views),
                             ("test", args.test_n, ("full", "crop"))):
         t = time.perf_counter()
-        seed = {"seed": args.train_seed} if split == "train" else {}
-        out[split] = build_world(WorldSpec(split=split, **{**spec, **seed}), n, views, processor, eos, device=device,
+        out[split] = build_world(world_spec(args, split), n, views, processor, eos, device=device,
                                  workers=args.workers, progress=False)
         log(f"{split}: {n} scenes, views {list(views)}, {time.perf_counter() - t:.1f} s")
     return out
@@ -128,7 +136,8 @@ def profiler(out: Path):
     return ctx
 
 
-def train_sft_run(name, model, data, stats, processor, args, schedule, seconds, lr, out, results, profile=False):
+def train_sft_run(name, model, data, stats, processor, args, schedule, seconds, lr, out, results, profile=False,
+                  fresh=None):
     cfg = FitConfig(lr=lr, batch=args.batch, warmup=args.warmup, seconds=seconds, eval_every=args.eval_every,
                     seed=args.seed)
     hist = History(out / "logs" / f"history_{name}.jsonl")
@@ -136,18 +145,25 @@ def train_sft_run(name, model, data, stats, processor, args, schedule, seconds, 
 
     def on_eval(step):
         last["val"] = r = dual_view(model, data["val"], stats, processor.tokenizer)
-        log(f"{name} step {step}: val full {r['full']['all']} crop {r['crop']['all']}")
-        return {"val_full": r["full"]["all"], "val_crop": r["crop"]["all"]}
+        row = {"val_full": r["full"]["all"], "val_crop": r["crop"]["all"]}
+        for view in args.val_views:  # easier full views, to see which part of the task is learned
+            row[f"val_{view}"] = evaluate(model, data["val"], view, stats, processor.tokenizer)["accuracy"]["all"]
+        log(f"{name} step {step}: " + " ".join(f"{k} {v}" for k, v in row.items()))
+        return row
 
     t = time.perf_counter()
+    sets_before = fresh.chunks if fresh else 1
     steps = fit_sft(model, data["train"], parse_schedule(schedule), stats, cfg, hist, on_eval,
-                    profile=profiler(out) if profile else None)
+                    profile=profiler(out) if profile else None, fresh=fresh.poll if fresh else None)
     wall = time.perf_counter() - t
     budget = next((r for r in hist.rows if r.get("event") == "budget"), {})
     results[name] = {
         "schedule": schedule, "steps": steps, "seconds": round(wall, 1), "batch": args.batch, "lr": lr,
         "seconds_per_step": budget.get("seconds_per_step"), "samples_seen": steps * args.batch,
         "val": last["val"], "test": dual_view(model, data["test"], stats, processor.tokenizer),
+        "train_scene_sets": (fresh.chunks if fresh else 1) - sets_before + 1,  # the set in use at the start counts
+        "samples_per_train_scene": round(steps * args.batch / (args.train_n * ((fresh.chunks if fresh else 1)
+                                                                               - sets_before + 1)), 1),
     }
     log(name, json.dumps({k: results[name][k] for k in ("steps", "seconds_per_step", "test")}))
 
@@ -164,19 +180,25 @@ def cmd_models(args) -> None:
     stages = (parse_schedule(BASE_SCHEDULE) if args.base_seconds > 0 else []) + (
         parse_schedule(args.ceiling_schedule) if args.ceiling_seconds > 0 else [])
     views = sorted({v for s in stages for v in s.views})
-    data = worlds(args, processor, end_of_turn_id(model, processor), device, views)
+    eos = end_of_turn_id(model, processor)
+    data = worlds(args, processor, eos, device, views)
+    # --fresh: the next --train-n scenes render while training runs and replace the current ones
+    fresh = FreshScenes(world_spec(args, "train"), args.train_n, views, processor, eos, device=device,
+                        workers=args.workers, first=data["train"]) if args.fresh else None
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "args": vars(args),
                "parameters": sum(p.numel() for p in model.parameters())}
     if args.base_seconds > 0:
         train_sft_run("base", model, data, stats, processor, args, BASE_SCHEDULE, args.base_seconds, args.lr, out,
-                      results, profile=args.profile)
+                      results, profile=args.profile, fresh=fresh)
         save_bf16(model, processor, out, "zoomworld-base")
         (out / "results.json").write_text(json.dumps(results, indent=2))
     if args.ceiling_seconds > 0:
         train_sft_run("ceiling", model, data, stats, processor, args, args.ceiling_schedule, args.ceiling_seconds,
-                      args.ceiling_lr or args.lr, out, results)
+                      args.ceiling_lr or args.lr, out, results, fresh=fresh)
         save_bf16(model, processor, out, "zoomworld-ceiling")
+    if fresh:
+        fresh.close()
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
@@ -283,15 +305,45 @@ def cmd_plot(args) -> None:
         evals = [r for r in rows if "val_crop" in r]
         label = f"{Path(path).stem.removeprefix('history_')} ({Path(path).parent.name})"
         ax_loss.plot([offset + r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label=label)
-        for key, style in (("val_crop", "-o"), ("val_full", "--s")):
-            ax_acc.plot([offset + r["step"] for r in evals], [r[key] for r in evals], style, ms=3,
-                        label=f"{label} {key.removeprefix('val_')}")
+        keys = sorted({k for r in evals for k in r if k.startswith("val_")}, key=lambda k: (k != "val_crop", k))
+        for key in keys:  # crop solid, full dashed, the easier full views (full:k) dotted
+            style = "-o" if key == "val_crop" else "--s" if key == "val_full" else ":^"
+            ax_acc.plot([offset + r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], style,
+                        ms=3, label=f"{label} {key.removeprefix('val_')}")
         offset += max((r.get("step", 0) for r in rows), default=0)
     ax_loss.set(xlabel="optimizer step", ylabel="answer cross-entropy", yscale="log", title="training loss")
     ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", ylim=(0, 100), title="validation accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(args.png)
+
+
+def cmd_views(args) -> None:
+    """Validation accuracy per view (one panel per `val_*` key: full:1, full:2, ..., full, crop),
+    one line per history file, named by its run folder: which part of the task a run learned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for path in args.history:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        runs[Path(path).parent.parent.name] = [r for r in rows if "val_full" in r]
+    keys = sorted({k for evals in runs.values() for r in evals for k in r if k.startswith("val_")},
+                  key=lambda k: (k == "val_crop", k == "val_full", k))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), sharey=True)
+    for ax, key in zip(axes, keys):
+        for name, evals in runs.items():
+            pts = [(r["step"], r[key]) for r in evals if key in r]
+            ax.plot(*zip(*pts), "-o", ms=3, lw=1, label=name)
+        ax.set(title=key.removeprefix("val_"), xlabel="optimizer step", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(args.png)
@@ -324,7 +376,7 @@ def cmd_gaps(args) -> None:
     print(args.png)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("models", "opd"):  # `plot` takes none of these
@@ -333,6 +385,7 @@ def main(argv=None) -> None:
         s.add_argument("--size", type=int, default=224)
         s.add_argument("--min-area", type=float, default=0.03)
         s.add_argument("--max-area", type=float, default=0.06)
+        s.add_argument("--frame", type=float, default=0.05, help="panel frame width / shorter panel side")
         s.add_argument("--world-seed", type=int, default=0)
         s.add_argument("--train-seed", type=int, default=0, help="world seed of the train split only (fresh scenes)")
         s.add_argument("--val-n", type=int, default=300)
@@ -352,6 +405,12 @@ def main(argv=None) -> None:
     m.add_argument("--base-seconds", type=float, default=200)
     m.add_argument("--ceiling-seconds", type=float, default=220)
     m.add_argument("--profile", action="store_true")
+    m.add_argument("--locate-share", type=float, default=0.0,
+                   help="share of train scenes that ask where the named panel is (zoomless.world.locate)")
+    m.add_argument("--fresh", action="store_true",
+                   help="render the next --train-n train scenes while training and switch to them when ready")
+    m.add_argument("--val-views", type=lambda t: tuple(filter(None, t.split(","))), default=(),
+                   help="more views to score on val at each evaluation, e.g. full:1,full:2")
     o = sub.choices["opd"]
     o.add_argument("--base", required=True)
     o.add_argument("--ceiling", required=True)
@@ -368,12 +427,19 @@ def main(argv=None) -> None:
     pl = sub.add_parser("plot", help="curves of history_*.jsonl files into one PNG")
     pl.add_argument("png")
     pl.add_argument("history", nargs="+")
+    v = sub.add_parser("views", help="validation accuracy per view (full:k, full, crop) of history files")
+    v.add_argument("png")
+    v.add_argument("history", nargs="+", help="<run>/logs/history_*.jsonl; the run folder names the line")
     g = sub.add_parser("gaps", help="the test gap per dimension of an `opd` results.json as bars")
     g.add_argument("png")
     g.add_argument("results")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
-    {"models": cmd_models, "opd": cmd_opd, "plot": cmd_plot, "gaps": cmd_gaps}[args.cmd](args)
+    {"models": cmd_models, "opd": cmd_opd, "plot": cmd_plot, "views": cmd_views, "gaps": cmd_gaps}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,19 @@ def test_bad_input_fails_clearly():
         plan_sample(0, size=256)
     with pytest.raises(ValueError, match="plain name"):
         plan_sample(0, split="../train")
+    with pytest.raises(ValueError, match="frame_fraction"):
+        plan_sample(0, frame_fraction=0.5)
+
+
+def test_frame_width_changes_nothing_else():
+    """A thicker frame (`frame_fraction`) is the same scene: same boxes, values, question."""
+    thin, _ = plan_sample(7, size=224, min_area_fraction=0.03, max_area_fraction=0.06)
+    thick, _ = plan_sample(7, size=224, min_area_fraction=0.03, max_area_fraction=0.06, frame_fraction=0.15)
+    assert [p.box for p in thin.panels] == [p.box for p in thick.panels]
+    assert (thin.question, thin.answer, thin.options) == (thick.question, thick.answer, thick.options)
+    for a, b in zip(thin.panels, thick.panels):
+        side = min(a.box[2] - a.box[0], a.box[3] - a.box[1])
+        assert a.border == max(2, round(0.05 * side)) and b.border == max(2, round(0.15 * side)) > a.border
 
 
 # ----------------------------------------------------------------------------- the evidence is there

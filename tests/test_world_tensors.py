@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from zoomless.prompts import format_question
 from zoomless.train.batching import build_batch, encode_prompt, response_hidden
 from zoomless.train.common import end_of_turn_id
 from zoomless.world.scene import render_scene
-from zoomless.world.tensors import WorldSpec, build_world, image_positions, image_stats, make_batch, view_margin
+from zoomless.world.tensors import WorldSpec, build_world, image_positions, image_stats, make_batch, parse_view, view_margin
 from zoomless.world.trainer import (
     FitConfig,
     History,
@@ -29,7 +30,7 @@ from zoomless.world.trainer import (
     stage_at,
 )
 
-VIEWS = ("full", "crop", "crop@1.5")
+VIEWS = ("full", "crop", "crop@1.5", "full:2")
 SPEC = WorldSpec(split="test", size=SIZE, min_area_fraction=AREA[0], max_area_fraction=AREA[1])
 
 
@@ -46,9 +47,9 @@ def world(base):
 
 def _eval_conversation(sample, view):
     """The conversation `zoomless eval` builds for one view of a sample."""
-    margin = view_margin(view)
+    margin, panels = parse_view(view)
     image, question = render_view(sample, "full" if margin is None else "crop", render_scene(SPEC.sample(
-        sample.meta["index"])[0]), crop_margin=margin or 0.0, max_pixels=SIZE * SIZE)
+        sample.meta["index"])[0], panels), crop_margin=margin or 0.0, max_pixels=SIZE * SIZE)
     return conversation([image], format_question(sample, question, "open"))
 
 
@@ -192,3 +193,81 @@ def test_r2i_labels_and_grpo(base, world):
     cfg = GRPOConfig(batch=2, rollouts=4, max_steps=2, seconds=600, eval_every=0, max_new=4)
     assert fit_grpo(copy.deepcopy(model), labelled, stats, cfg, hist) == 2
     assert 0.0 <= hist.rows[0]["reward"] <= 1.0
+
+
+def test_full_views_with_fewer_panels():
+    """"full:k" is the scene with only its first k panels drawn (panel 0 is the evidence); the
+    variants share one clutter and equal separate renderings."""
+    from zoomless.world.scene import render_scene_variants
+
+    assert parse_view("full:2") == (None, 2) and parse_view("full") == (None, None)
+    for bad in ("full:0", "full:", "full:x"):
+        with pytest.raises(ValueError, match="unknown view"):
+            parse_view(bad)
+    scene, _ = SPEC.sample(3)
+    variants = render_scene_variants(scene, [None, 1, 2])
+    for k in (None, 1, 2):
+        assert np.array_equal(np.asarray(variants[k]), np.asarray(render_scene(scene, k)))
+    one, every = np.asarray(variants[1]), np.asarray(variants[None])
+    x1, y1, x2, y2 = scene.panels[0].box  # the evidence is drawn in both; a distractor panel only in `every`
+    assert np.array_equal(one[y1:y2, x1:x2], every[y1:y2, x1:x2])
+    x1, y1, x2, y2 = scene.panels[1].box
+    assert not np.array_equal(one[y1:y2, x1:x2], every[y1:y2, x1:x2])
+
+
+def test_schedules_take_views_with_a_colon():
+    from zoomless.world.trainer import parse_schedule
+
+    stages = parse_schedule("0.2:full:1=.6,crop=.4;0:full=.7,full:2=.3")
+    assert [s.steps for s in stages] == [0.2, 0.0]
+    assert stages[0].views == {"full:1": 0.6, "crop": 0.4} and stages[1].views == {"full": 0.7, "full:2": 0.3}
+    with pytest.raises(ValueError, match="unknown view"):
+        parse_schedule("0:zoom=1")
+
+
+def test_fresh_scenes_replace_the_training_set(base):
+    """FreshScenes renders the next, never-seen scenes in the background and fit_sft trains on them."""
+    from zoomless.world.stream import FreshScenes
+    from zoomless.world.trainer import FitConfig, History, fit_sft, parse_schedule
+
+    model, processor = base
+    model = copy.deepcopy(model)
+    spec = WorldSpec(split="train", size=SIZE, min_area_fraction=AREA[0], max_area_fraction=AREA[1])
+    stream = FreshScenes(spec, 6, ("crop",), processor, end_of_turn_id(model, processor))
+    first = [s.meta["index"] for s in stream.current.samples]
+    second = [s.meta["index"] for s in stream.wait().samples]
+    assert first == list(range(6)) and second == list(range(6, 12)) and stream.chunks == 2
+    assert second[0] == stream.current.samples[0].meta["index"]
+
+    hist = History()
+    steps = fit_sft(model, stream.current, parse_schedule("crop=1"), image_stats(processor),
+                    FitConfig(lr=1e-4, batch=4, warmup=1, max_steps=3, eval_every=0), hist, fresh=stream.wait)
+    assert steps == 3 and stream.chunks == 5  # a new set before every step
+    events = [r for r in hist.rows if r.get("event") == "fresh scenes"]
+    assert [e["first_scene"] for e in events] == [12, 18, 24]
+    stream.close()
+    assert stream.poll() is None
+
+
+def test_locate_questions_ask_for_the_place_and_have_no_crop(base):
+    """A locate scene asks where the named panel is (3 x 3 places) and appears in full views only."""
+    from zoomless.world.locate import as_locate, is_locate, place
+
+    assert place((0, 0, 10, 10), 224) == "top left" and place((100, 100, 124, 124), 224) == "middle center"
+    assert place((200, 150, 224, 224), 224) == "bottom right"
+    share = sum(is_locate(i, 0.3) for i in range(2000)) / 2000
+    assert 0.25 < share < 0.35 and not any(is_locate(i, 0.0) for i in range(100))
+
+    _, sample = SPEC.sample(0)
+    loc = as_locate(sample)
+    assert loc.answer == place(tuple(sample.meta["panels"][0]["box"]), SIZE) and loc.dimension == "locate"
+    assert sample.meta["frame"] in loc.question and loc.answer in (loc.options or (loc.answer,))
+
+    model, processor = base
+    spec = WorldSpec(split="train", size=SIZE, min_area_fraction=AREA[0], max_area_fraction=AREA[1], locate_share=0.5)
+    world = build_world(spec, 12, ("full", "crop"), processor, end_of_turn_id(model, processor), progress=False)
+    located = {i for i, s in enumerate(world.samples) if s.dimension == "locate"}
+    assert 0 < len(located) < 12
+    crop_rows = {int(r) for b in world.buckets["crop"] for r in b.rows}
+    full_rows = {int(r) for b in world.buckets["full"] for r in b.rows}
+    assert full_rows == set(range(12)) and crop_rows == set(range(12)) - located

@@ -75,6 +75,7 @@ def plan_sample(
     dimensions: Sequence[str] = DIMENSIONS,
     max_area_fraction: float = 0.03,
     min_area_fraction: float = 0.005,
+    frame_fraction: float = 0.05,
 ) -> tuple[Scene, Sample]:
     """The scene plan and record of one sample, without rendering pixels."""
     if not dimensions:
@@ -85,7 +86,7 @@ def plan_sample(
         raise ValueError(f"split {split!r} must be a plain name (letters, digits, '_', '-', '.'), e.g. train")
     dimension = dimensions[index % len(dimensions)]  # round robin: balanced dimensions
     s_seed = scene_seed(split, index, seed)
-    scene = plan_scene(s_seed, dimension, size, min_area_fraction, max_area_fraction)
+    scene = plan_scene(s_seed, dimension, size, min_area_fraction, max_area_fraction, frame_fraction)
     return scene, _to_sample(scene, split, index, seed, s_seed)
 
 

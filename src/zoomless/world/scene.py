@@ -95,8 +95,10 @@ def plan_scene(
     size: int = 1024,
     min_area_fraction: float = 0.005,
     max_area_fraction: float = 0.03,
+    frame_fraction: float = 0.05,
 ) -> Scene:
-    """Every random choice of one scene, drawn from `scene_seed`."""
+    """Every random choice of one scene, drawn from `scene_seed`. A panel's frame is
+    `frame_fraction` of its shorter side wide (at least 2 px); it changes no random choice."""
     if dimension not in dims.DIMENSIONS:
         raise ValueError(f"unknown dimension {dimension!r}; choose from {list(dims.DIMENSIONS)}")
     if not 0 < min_area_fraction <= max_area_fraction <= 0.2:
@@ -108,6 +110,8 @@ def plan_scene(
             f"panels of area fraction {min_area_fraction} in a {size}px scene are under {MIN_PANEL_SIDE}px wide, "
             "too small to draw their contents: raise size or min_area_fraction"
         )
+    if not 0 < frame_fraction <= 0.3:
+        raise ValueError(f"frame_fraction must be in (0, 0.3], got {frame_fraction}")
     rng = np.random.default_rng(scene_seed)
     aspect = dims.ASPECT.get(dimension, 1.0)
     gap = max(4, round(0.015 * size))
@@ -126,7 +130,7 @@ def plan_scene(
     frames = rng.choice(list(dims.FRAME_COLORS), size=n, replace=False).tolist()
     panels = []
     for box, frame, value in zip(boxes, frames, values):
-        border = max(2, round(0.05 * min(box[2] - box[0], box[3] - box[1])))
+        border = max(2, round(frame_fraction * min(box[2] - box[0], box[3] - box[1])))
         colour = dims.ink_colour(dimension, value, rng)
         panels.append(Panel(box, border, frame, value, colour, int(rng.integers(0, 2**31))))
 
@@ -216,9 +220,21 @@ def draw_panel(image: Image.Image, panel: Panel, dimension: str) -> None:
     dims.draw_content(image, panel.content_box, dimension, panel.value, panel.colour, panel.seed)
 
 
-def render_scene(scene: Scene) -> Image.Image:
-    """The RGB image of a planned scene."""
+def render_scene(scene: Scene, panels: int | None = None) -> Image.Image:
+    """The RGB image of a planned scene; with `panels`, only the first that many panels are drawn
+    (the evidence is panel 0), which makes easier full views for a distractor curriculum."""
+    return render_scene_variants(scene, [panels])[panels]
+
+
+def render_scene_variants(scene: Scene, counts: list[int | None]) -> dict[int | None, Image.Image]:
+    """`render_scene(scene, k)` for every k in `counts`, drawing the clutter once and the panels
+    one after another (fewest first)."""
     img = _clutter(np.random.default_rng(scene.clutter_seed), scene.size)
-    for panel in scene.panels:
-        draw_panel(img, panel, scene.dimension)
-    return img
+    out, drawn = {}, 0
+    for k in sorted(set(counts), key=lambda c: len(scene.panels) if c is None else c):
+        stop = len(scene.panels) if k is None else min(k, len(scene.panels))
+        for panel in scene.panels[drawn:stop]:
+            draw_panel(img, panel, scene.dimension)
+        drawn = max(drawn, stop)
+        out[k] = img.copy()
+    return out

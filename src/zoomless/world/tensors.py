@@ -30,26 +30,37 @@ from zoomless.prompts import format_question
 from zoomless.sample import Sample
 from zoomless.world.dimensions import DIMENSIONS
 from zoomless.world.generate import plan_sample
-from zoomless.world.scene import render_scene
+from zoomless.world.locate import DIMENSION as LOCATE
+from zoomless.world.locate import as_locate, is_locate
+from zoomless.world.scene import render_scene_variants
 
 FULL = "full"
 
 
-def view_margin(view: str) -> float | None:
-    """The crop margin a view name stands for: "full" -> None, "crop" -> 0.25, "crop@1.5" -> 1.5
-    (a zoom-out step: the panel plus 1.5 panel sizes each side)."""
+def parse_view(view: str) -> tuple[float | None, int | None]:
+    """(crop margin, panels drawn) of a view name: "full" -> (None, None), "full:2" -> the full
+    scene with only its first 2 panels drawn (the evidence and one distractor panel), "crop" ->
+    (0.25, None), "crop@1.5" -> (1.5, None): a zoom-out step, the panel plus 1.5 panel sizes each side."""
     if view == FULL:
-        return None
+        return None, None
+    if view.startswith(FULL + ":") and view[len(FULL) + 1:].isdigit() and int(view[len(FULL) + 1:]) >= 1:
+        return None, int(view[len(FULL) + 1:])
     if view == "crop":
-        return 0.25
+        return 0.25, None
     if view.startswith("crop@"):
         try:
             margin = float(view[5:])
         except ValueError:
             margin = -1.0
         if margin >= 0:
-            return margin
-    raise ValueError(f"unknown view {view!r}: use 'full', 'crop' or 'crop@<margin>' (e.g. crop@1.5)")
+            return margin, None
+    raise ValueError(f"unknown view {view!r}: use 'full', 'full:<panels>' (e.g. full:2), 'crop' or "
+                     "'crop@<margin>' (e.g. crop@1.5)")
+
+
+def view_margin(view: str) -> float | None:
+    """The crop margin of a view name (None for the full scene); see `parse_view`."""
+    return parse_view(view)[0]
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ class WorldSpec:
     size: int = 224
     min_area_fraction: float = 0.03
     max_area_fraction: float = 0.06
+    frame_fraction: float = 0.05  # panel frame width / shorter panel side
+    locate_share: float = 0.0  # share of scenes that ask where the panel is (training aid, full views only)
     dimensions: tuple[str, ...] = DIMENSIONS
     max_pixels: int | None = None  # default: size * size
 
@@ -69,10 +82,14 @@ class WorldSpec:
         return self.max_pixels or self.size * self.size
 
     def sample(self, index: int) -> tuple[Any, Sample]:
-        return plan_sample(
+        scene, sample = plan_sample(
             index, split=self.split, seed=self.seed, size=self.size, dimensions=self.dimensions,
             min_area_fraction=self.min_area_fraction, max_area_fraction=self.max_area_fraction,
+            frame_fraction=self.frame_fraction,
         )
+        if is_locate(index, self.locate_share, self.seed):
+            sample = as_locate(sample)
+        return scene, sample
 
 
 def render_views(
@@ -82,12 +99,14 @@ def render_views(
     them and the processor then sizes them (a view under `min_pixels` is enlarged, as the Qwen2-VL
     processor does: same size rule, bicubic with antialias on the uint8 image)."""
     scene, sample = spec.sample(index)
-    image = render_scene(scene)
+    parsed = {view: parse_view(view) for view in views}
+    images = render_scene_variants(scene, [panels for _, panels in parsed.values()])
     out = {}
-    for view in views:
-        margin = view_margin(view)
+    for view, (margin, panels) in parsed.items():
+        if margin is not None and sample.meta.get("task") == LOCATE:
+            continue  # a crop loses the place that a locate question asks for
         name = FULL if margin is None else "crop"
-        pixels, _ = render_view(sample, name, image, crop_margin=margin or 0.0, max_pixels=spec.budget)
+        pixels, _ = render_view(sample, name, images[panels], crop_margin=margin or 0.0, max_pixels=spec.budget)
         out[view] = _processor_size(np.asarray(pixels, dtype=np.uint8), min_pixels, spec.budget)
     return sample, out
 
@@ -210,16 +229,18 @@ def build_world(
     workers: int = 0,
     progress: bool = True,
     form: str = "open",
+    start: int = 0,
 ) -> WorldTensors:
-    """Render scenes 0..n-1 of `spec` in every view (in `workers` processes) and tokenize them."""
+    """Render scenes start..start+n-1 of `spec` in every view (in `workers` processes) and tokenize
+    them; row i of the result is scene start + i."""
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     views = tuple(dict.fromkeys(views))
     for v in views:
-        view_margin(v)  # bad view names fail before any work
+        parse_view(v)  # bad view names fail before any work
     size = processor.image_processor.size
     min_pixels = int(size.get("shortest_edge", 56 * 56)) if isinstance(size, dict) else 56 * 56
-    jobs = ((spec, i, views, min_pixels) for i in range(n))
+    jobs = ((spec, start + i, views, min_pixels) for i in range(n))
     samples: list[Sample] = []
     by_shape: dict[tuple[str, tuple[int, ...]], tuple[list[int], list[np.ndarray]]] = {}
     columns = (TextColumn(f"zoomworld {spec.split} -> tensors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

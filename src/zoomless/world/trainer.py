@@ -23,6 +23,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from zoomless.eval.grading import grade
 from zoomless.train.common import build_optimizer
 from zoomless.train.ema import ema_update_
 from zoomless.train.losses import gather_logprobs, grpo_advantages, topk_generalized_jsd, topk_ids
-from zoomless.world.tensors import Batch, Bucket, WorldTensors, make_batch
+from zoomless.world.tensors import Batch, Bucket, WorldTensors, make_batch, parse_view
 
 
 @dataclass
@@ -53,7 +54,9 @@ def parse_schedule(text: str) -> list[Stage]:
     (steps per stage, or a fraction of the run such as 0.2; 0 = the rest of the run)."""
     stages = []
     for part in text.split(";"):
-        steps, _, views = part.rpartition(":")
+        # "<steps>:" is a leading number; view names may hold a colon themselves ("full:2")
+        head = re.match(r"\s*([0-9.]+)\s*:(.*)$", part)
+        steps, views = head.groups() if head else ("", part)
         weights = {}
         for item in views.split(","):
             name, _, w = item.partition("=")
@@ -61,6 +64,7 @@ def parse_schedule(text: str) -> list[Stage]:
                 weights[name.strip()] = float(w) if w else 1.0
             except ValueError:
                 raise ValueError(f"schedule {text!r}: bad weight in {item!r}") from None
+            parse_view(name.strip())  # a bad view name fails here, before any rendering
         stages.append(Stage(float(steps) if steps else 0.0, weights))
     return stages
 
@@ -289,20 +293,31 @@ def _apply(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, cfg: FitC
     return float(norm)
 
 
+def _bucket_sizes(data: WorldTensors) -> dict[str, list[int]]:
+    return {v: [len(b.rows) for b in bs] for v, bs in data.buckets.items()}
+
+
 def fit_sft(model: nn.Module, data: WorldTensors, stages: list[Stage], stats: tuple, cfg: FitConfig,
-            history: History, on_eval: Callable[[int], dict] | None = None, profile=None) -> int:
-    """Supervised training on gold answers; the view of each step is drawn from its stage."""
+            history: History, on_eval: Callable[[int], dict] | None = None, profile=None,
+            fresh: Callable[[], WorldTensors | None] | None = None) -> int:
+    """Supervised training on gold answers; the view of each step is drawn from its stage.
+    `fresh()` (e.g. `FreshScenes.poll`) is asked before every step for new scenes to train on."""
     device = data.device
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
-    sizes = {v: [len(b.rows) for b in bs] for v, bs in data.buckets.items()}
     for s in stages:
         for v in s.views:
-            if v not in data.buckets:
+            if not data.buckets.get(v):
                 raise ValueError(f"the schedule asks for view {v!r}, the data has {sorted(data.buckets)}")
     model.train()
+    world = {"data": data, "sizes": _bucket_sizes(data)}
 
     def step_fn(step: int, total: int) -> dict[str, float]:
+        new = fresh() if fresh is not None else None
+        if new is not None:
+            world.update(data=new, sizes=_bucket_sizes(new))
+            history.log({"event": "fresh scenes", "step": step, "first_scene": new.samples[0].meta.get("index")})
+        data, sizes = world["data"], world["sizes"]
         stage = stage_at(stages, step, total)
         names = list(stage.views)
         view = names[int(torch.multinomial(torch.tensor(list(stage.views.values())), 1, generator=gen))]
