@@ -229,6 +229,7 @@ def test_greedy_answers_equal_the_in_process_engine(tiny):
     served = [gens[0] for gens in client.generate(convs, params)]
     client.close()
     assert [g.text for g in served] == [g.text for g in direct]
+    assert [g.prompt_tokens for g in served] == [g.prompt_tokens for g in direct]
     assert [g.finish_reason for g in served] == [g.finish_reason for g in direct]
     for s, d in zip(served, direct):
         assert s.logprobs == pytest.approx(d.logprobs, abs=1e-5)
@@ -243,6 +244,9 @@ def test_greedy_answers_equal_the_in_process_engine(tiny):
     )
     assert reply.choices[0].message.content == direct[0].text
     assert reply.usage.completion_tokens == len(direct[0].token_ids)
+    # the prompt's tokens, its image's included: what the model was fed
+    assert reply.usage.prompt_tokens == direct[0].prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     content = reply.choices[0].logprobs.content
     assert [t.logprob for t in content] == pytest.approx(direct[0].logprobs, abs=1e-5)
     assert [t.token for t in content] == [hf.tokenizer.decode([i]) for i in direct[0].token_ids]

@@ -61,3 +61,42 @@ def test_batch_layout(tmp_path: Path, data: Path) -> None:
     torch.testing.assert_close(b.inputs["pixel_values"], short.vision["pixel_values"])
     with pytest.raises(ValueError, match="at least one token"):
         build_batch([short], [[]], pad_id=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, tmp_path: Path) -> None:
+    """Rows that share a PromptEncoding (the rollouts of one prompt) run the vision tower once per
+    distinct image, with the same hidden states and the same gradients as encoding every copy."""
+    from zoomless.train.shared_images import vision_module
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / family, family=family, size="test"), dtype=torch.float32, device="cpu")
+    samples = read_samples(data)
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    b = encode_prompt(processor, view_conversation(samples[1], "crop", "open", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
+    responses = [[5, 6, 7], [8], [9, 10], [11, 12], [13]]
+    shared = build_batch([a, a, b, a, b], responses, pad_id(processor))  # 3 rollouts of a, 2 of b
+    assert shared.sharing is not None and shared.sharing.keep.tolist() == [0, 2]
+    assert shared.sharing.source.tolist() == [0, 0, 1, 0, 1]
+    copies = [encode_prompt(processor, c) for c in
+              [view_conversation(s, v, "open", max_pixels=m, crop_margin=0.25, zoom=2.0)
+               for s, v, m in [(samples[0], "full", 112 * 112)] * 3 + [(samples[1], "crop", 56 * 112)] * 2]]
+    every = build_batch([copies[0], copies[1], copies[3], copies[2], copies[4]], responses, pad_id(processor))
+    assert every.sharing is None  # distinct objects: nothing is assumed shared
+    torch.testing.assert_close(every.inputs["pixel_values"], shared.inputs["pixel_values"])
+
+    seen = []  # patches entering the vision tower
+    hook = vision_module(model).patch_embed.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    results = []
+    for batch in (shared, every):
+        model.zero_grad()
+        h = response_hidden(model, batch)
+        h.pow(2).sum().backward()
+        results.append((h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    pa, pb = len(a.vision["pixel_values"]), len(b.vision["pixel_values"])
+    assert seen == [pa + pb, 3 * pa + 2 * pb]  # the shared batch encoded 2 images, the other all 5 copies
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    grads_shared, grads_every = results[0][1], results[1][1]
+    assert grads_shared.keys() == grads_every.keys() and any("visual" in n for n in grads_shared)
+    for name in grads_every:
+        torch.testing.assert_close(grads_shared[name], grads_every[name], atol=1e-5, rtol=1e-4, msg=name)

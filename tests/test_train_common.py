@@ -32,6 +32,20 @@ def test_config_unknown_key_names_the_file_and_key(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml", SFTConfig)
 
 
+def test_paths_in_a_training_config_are_relative_to_the_file(tmp_path: Path, monkeypatch) -> None:
+    """As in a synth config: what the file says is relative to the file, --set values to the working folder."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = folder / "sft.yaml"
+    path.write_text(f"model_dir: ../runs/m\ndata: [a.jsonl, {tmp_path / 'abs.jsonl'}]\nout_dir: out\n")
+    monkeypatch.chdir(tmp_path / "configs")
+    cfg = recipes.load("sft", path)
+    assert cfg.model_dir == folder / "../runs/m" and cfg.out_dir == folder / "out"
+    assert cfg.data == [folder / "a.jsonl", tmp_path / "abs.jsonl"]
+    cfg = recipes.load("sft", path, ["out_dir=here", "data=d.jsonl"])
+    assert cfg.out_dir == Path("here") and cfg.data == [Path("d.jsonl")] and cfg.model_dir == folder / "../runs/m"
+
+
 def test_overrides_and_recipe_table(tmp_path: Path) -> None:
     assert parse_overrides(["lr=1e-4", "teacher=frozen", "max_pixels=12544"]) == {
         "lr": "1e-4", "teacher": "frozen", "max_pixels": 12544,

@@ -280,7 +280,7 @@ def _train(method: str, config: Path | None, overrides: list[str], resume: bool)
     recipes.run(method, cfg)
 
 
-_CONFIG = typer.Argument(None, help="YAML config (keys as in the recipe's config class).")
+_CONFIG = typer.Argument(None, help="YAML config (keys as in the recipe's config class; its relative paths are relative to the file).")
 _SET = typer.Option([], "--set", "-s", help="Override a config key: --set lr=1e-4 (repeatable).")
 _RESUME = typer.Option(False, help="Continue from the last checkpoint in out_dir.")
 

@@ -384,13 +384,15 @@ def create_app(
         if failed:  # HFEngine reports only input problems this way (crashes raise): a client error
             raise APIError(400, f"the model could not process this request: {failed[0]}")
         completion_tokens = sum(len(g.token_ids) for g in gens)
+        prompt_tokens = max((g.prompt_tokens for g in gens), default=0)  # one prompt, however many choices
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_name,
             "choices": [_choice(engine, i, g, params.logprobs) for i, g in enumerate(gens)],
-            "usage": {"prompt_tokens": 0, "completion_tokens": completion_tokens, "total_tokens": completion_tokens},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         }
 
     return app

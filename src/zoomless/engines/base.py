@@ -33,6 +33,7 @@ class Generation:
     logprobs: list[float] | None = None
     finish_reason: str = "stop"  # "stop", "length" or "error"
     error: str | None = None  # set when the engine could not answer; text is then ""
+    prompt_tokens: int = 0  # the prompt's length in tokens, image tokens included (0: not known)
 
 
 class Engine(Protocol):

@@ -205,6 +205,7 @@ class HFEngine:
         )
         self.stats["batches"] += 1
         generated = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        prompt_lengths = inputs["attention_mask"].sum(1).tolist()  # left padding is masked out
         temperature = params.temperature if params.temperature > 0 else 1.0
         gens = []
         for row, ids in enumerate(generated):
@@ -215,7 +216,8 @@ class HFEngine:
                 logp = torch.log_softmax(steps / temperature, dim=-1)
                 logprobs = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).squeeze(1).tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            gens.append(Generation(text=text, token_ids=ids, logprobs=logprobs, finish_reason=finish))
+            gens.append(Generation(text=text, token_ids=ids, logprobs=logprobs, finish_reason=finish,
+                                   prompt_tokens=int(prompt_lengths[row])))
         return gens
 
 
@@ -230,5 +232,5 @@ def _cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
 def _copy(g: Generation) -> Generation:
     return Generation(
         text=g.text, token_ids=list(g.token_ids), logprobs=None if g.logprobs is None else list(g.logprobs),
-        finish_reason=g.finish_reason, error=g.error,
+        finish_reason=g.finish_reason, error=g.error, prompt_tokens=g.prompt_tokens,
     )

@@ -347,6 +347,7 @@ class OpenAIEngine:
         if not choices:
             raise ValueError("reply has no choices")
         gens = []
+        prompt_tokens = (reply.usage.prompt_tokens or 0) if reply.usage is not None else 0
         for c in choices:
             text = c.message.content or ""
             logprobs = None
@@ -356,9 +357,9 @@ class OpenAIEngine:
                 gens.append(_error("the provider's content filter blocked the reply"))
             else:
                 reason = "length" if c.finish_reason == "length" else "stop"
-                gens.append(Generation(text=text, logprobs=logprobs, finish_reason=reason))
+                gens.append(Generation(text=text, logprobs=logprobs, finish_reason=reason, prompt_tokens=prompt_tokens))
         if reply.usage is not None:  # counted only for replies we could read
-            self.usage["prompt_tokens"] += reply.usage.prompt_tokens or 0
+            self.usage["prompt_tokens"] += prompt_tokens
             self.usage["completion_tokens"] += reply.usage.completion_tokens or 0
         return gens
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from zoomless.engines.base import Conversation
+from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, vision_module
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -49,6 +50,7 @@ class TeacherForcingBatch:
     positions: Tensor  # [N] position whose logits predict that token
     targets: Tensor  # [N] the response token ids
     lengths: list[int]  # response length of each sequence (N = sum)
+    sharing: ImageSharing | None = None  # rows that share a prompt share its images: encode them once
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +60,7 @@ class TeacherForcingBatch:
         return TeacherForcingBatch(
             {k: v.to(device) for k, v in self.inputs.items()},
             self.rows.to(device), self.positions.to(device), self.targets.to(device), self.lengths,
+            None if self.sharing is None else self.sharing.to(device),
         )
 
 
@@ -90,7 +93,19 @@ def build_batch(
     for key in dict.fromkeys(k for p in prompts for k in p.vision):  # prompts without images add nothing
         inputs[key] = torch.cat([p.vision[key] for p in prompts if key in p.vision])
     targets = torch.cat([torch.as_tensor(list(r), dtype=torch.long) for r in responses])
-    return TeacherForcingBatch(inputs, torch.cat(rows), torch.cat(positions), targets, [len(r) for r in responses])
+    return TeacherForcingBatch(inputs, torch.cat(rows), torch.cat(positions), targets, [len(r) for r in responses],
+                               _sharing(prompts))
+
+
+def _sharing(prompts: Sequence[PromptEncoding]) -> ImageSharing | None:
+    """Rows given the same PromptEncoding object (the rollouts of one prompt) have the same images."""
+    owners, names = [], {}
+    for p in prompts:
+        grid = p.vision.get("image_grid_thw")
+        name = names.setdefault(id(p), len(names))
+        owners += [(name, k) for k in range(0 if grid is None else len(grid))]
+    ids = {o: i for i, o in enumerate(dict.fromkeys(owners))}
+    return sharing_of([ids[o] for o in owners])
 
 
 # ----------------------------------------------------------------------------- the forward
@@ -101,9 +116,12 @@ def lm_head(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model).get_output_embeddings()  # `.module`: inside DDP
 
 
-def backbone_hidden(model: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor) -> Tensor:
-    """Final hidden states of an HF VLM's backbone at (rows, positions): [N, H], without the LM head."""
-    out = model.model(**inputs, use_cache=False)
+def backbone_hidden(model: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor,
+                    sharing: ImageSharing | None = None) -> Tensor:
+    """Final hidden states of an HF VLM's backbone at (rows, positions): [N, H], without the LM head.
+    With `sharing`, each distinct image is encoded once (`train/shared_images.py`)."""
+    with encode_once(vision_module(model), sharing):
+        out = model.model(**inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[rows, positions]
 
@@ -130,11 +148,11 @@ class ResponseModel(nn.Module):
 
     def forward(
         self, inputs: dict[str, Tensor] | None, rows: Tensor | None = None, positions: Tensor | None = None,
-        generate: dict[str, Any] | None = None,
+        generate: dict[str, Any] | None = None, sharing: ImageSharing | None = None,
     ) -> Any:
         if generate is not None:  # a whole `generate` call inside the root's forward hooks (FSDP)
             return type(self.vlm).generate(self.vlm, **generate)
-        return backbone_hidden(self.vlm, inputs, rows, positions)
+        return backbone_hidden(self.vlm, inputs, rows, positions, sharing)
 
 
 def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
@@ -145,5 +163,5 @@ def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
     `ResponseModel` around one (maybe inside DDP, or sharded by FSDP), called through its forward.
     """
     if isinstance(getattr(model, "module", model), ResponseModel):
-        return model(batch.inputs, batch.rows, batch.positions)
-    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions)
+        return model(batch.inputs, batch.rows, batch.positions, sharing=batch.sharing)
+    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions, batch.sharing)

@@ -164,4 +164,20 @@ class GRPOConfig(OPDConfig):
         return self
 
 
-__all__ = ["ConfigError", "load_config", "parse_overrides"]  # re-exported from zoomless.config
+def resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the relative paths a training config file names (model_dir, data, out_dir) relative to
+    `base`, the file's folder, in place (before validation)."""
+
+    def fix(v: Any) -> Any:
+        return str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+
+    for key in ("model_dir", "out_dir"):
+        if key in raw:
+            raw[key] = fix(raw[key])
+    if isinstance(raw.get("data"), list):
+        raw["data"] = [fix(v) for v in raw["data"]]
+    elif "data" in raw:
+        raw["data"] = fix(raw["data"])
+
+
+__all__ = ["ConfigError", "load_config", "parse_overrides", "resolve_paths"]  # re-exported from zoomless.config

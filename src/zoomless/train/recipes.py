@@ -13,6 +13,7 @@ from zoomless.train.config import (
     TrainConfig,
     load_config,
     parse_overrides,
+    resolve_paths,
 )
 
 
@@ -50,12 +51,15 @@ def _recipe(method: str) -> tuple[type[TrainConfig], Callable[[Any], Path]]:
 def load(
     method: str, config: str | Path | None, overrides: list[str] | dict[str, Any] | None = None, resume: bool = False
 ) -> TrainConfig:
-    """The validated config of `method` from a YAML file plus `key=value` overrides (ConfigError if wrong)."""
+    """The validated config of `method` from a YAML file plus `key=value` overrides (ConfigError if wrong).
+
+    Relative paths written in the file (model_dir, data, out_dir) are taken relative to the file's
+    folder, as in a synth config; paths given as overrides, relative to the working folder."""
     cls, _ = _recipe(method)
     values = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if resume:
         values["resume"] = True
-    return load_config(config, cls, values)
+    return load_config(config, cls, values, prepare=resolve_paths)
 
 
 def run(method: str, cfg: TrainConfig) -> Path:

@@ -1,0 +1,117 @@
+"""Encode each distinct image of a batch once.
+
+On-policy methods teacher-force several rollouts of one prompt (8 in GRPO, 2-8 in Vision-OPD):
+every row of such a group carries the same image, and HF's forward runs the vision tower on each
+copy. At the Qwen2.5-VL-3B shape the vision tower is 40% of a Vision-OPD step's model FLOPs
+(docs/PERFORMANCE.md), so most of that is repeated work. Here the vision tower sees only the first
+copy of each image and its output is gathered back to every row; autograd adds the rows' gradients
+into the one encoding, which is the same gradient as encoding every copy.
+
+It works through forward hooks on the model's vision module (`model.model.visual`, as in Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL), so HF's own forward, position ids and scatter are untouched. A model
+without such a module, or a batch without repeated images, runs as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageSharing:
+    """Which images of a batch are copies: `keep` [U] indices of the first copy of each distinct
+    image (in batch image order), `source` [I] the position in `keep` that image i is a copy of."""
+
+    keep: Tensor
+    source: Tensor
+
+    def to(self, device: torch.device | str) -> "ImageSharing":
+        return ImageSharing(self.keep.to(device), self.source.to(device))
+
+
+def sharing_of(image_owners: list[int]) -> ImageSharing | None:
+    """`image_owners[i]` names what image i is (equal names: the same pixels); None without repeats."""
+    first: dict[int, int] = {}
+    keep, source = [], []
+    for i, owner in enumerate(image_owners):
+        if owner not in first:
+            first[owner] = len(keep)
+            keep.append(i)
+        source.append(first[owner])
+    if len(keep) == len(image_owners):
+        return None
+    return ImageSharing(torch.tensor(keep, dtype=torch.long), torch.tensor(source, dtype=torch.long))
+
+
+def vision_module(model: nn.Module) -> nn.Module | None:
+    """The vision tower that HF's multimodal backbone calls (`model.model.visual`), if any."""
+    backbone = getattr(model, "model", None)
+    return getattr(backbone, "visual", None)
+
+
+def _blocks(sizes: Tensor, pick: Tensor) -> Tensor:
+    """Row indices of the blocks `pick` of a tensor made of consecutive blocks of `sizes` rows."""
+    starts = torch.cumsum(sizes, 0) - sizes
+    lengths = sizes[pick]
+    offsets = torch.arange(int(lengths.sum()), device=sizes.device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths)
+    return torch.repeat_interleave(starts[pick], lengths) + offsets
+
+
+@contextlib.contextmanager
+def encode_once(visual: nn.Module | None, sharing: ImageSharing | None) -> Iterator[None]:
+    """Within the block, `visual` encodes only `sharing.keep` and its outputs are expanded back."""
+    if visual is None or sharing is None:
+        yield
+        return
+    merge = int(getattr(visual, "spatial_merge_size", 2)) ** 2
+    state: dict[str, Tensor] = {}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # HF calls visual(pixel_values, grid_thw=...) (or both positional, or hidden_states=...)
+        pixels, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        grid, rest = (kwargs.pop("grid_thw"), rest) if "grid_thw" in kwargs else (rest[0], rest[1:])
+        keep = sharing.keep.to(grid.device)
+        patches = grid.prod(-1)
+        state["patches"] = patches
+        return (pixels[_blocks(patches, keep)], *rest), {**kwargs, "grid_thw": grid[keep]}
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        patches = state["patches"]
+        kept = patches[sharing.keep.to(patches.device)]
+        source = sharing.source.to(patches.device)
+        per_patch = _blocks(kept, source)  # rows of the kept encodings, for every image of the batch
+        per_token = _blocks(kept // merge, source)
+        return _expand(output, int(kept.sum()), per_patch, int(kept.sum()) // merge, per_token)
+
+    handles = [visual.register_forward_pre_hook(before, with_kwargs=True),
+               visual.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _expand(value: Any, n_patches: int, per_patch: Tensor, n_tokens: int, per_token: Tensor) -> Any:
+    """Every tensor in `value` (a tensor, a ModelOutput, a tuple or list of them) whose first
+    dimension counts the kept images' patches or merged tokens, gathered out to every image."""
+    if isinstance(value, Tensor):
+        if value.dim() and value.shape[0] == n_tokens:
+            return value[per_token]
+        if value.dim() and value.shape[0] == n_patches:
+            return value[per_patch]
+        return value
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict whose items are its fields
+        for key in list(value.keys()):
+            value[key] = _expand(value[key], n_patches, per_patch, n_tokens, per_token)
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_expand(v, n_patches, per_patch, n_tokens, per_token) for v in value]
+        return type(value)(items) if isinstance(value, list) else tuple(items)
+    return value
