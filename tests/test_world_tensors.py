@@ -271,3 +271,36 @@ def test_locate_questions_ask_for_the_place_and_have_no_crop(base):
     crop_rows = {int(r) for b in world.buckets["crop"] for r in b.rows}
     full_rows = {int(r) for b in world.buckets["full"] for r in b.rows}
     assert full_rows == set(range(12)) and crop_rows == set(range(12)) - located
+
+
+def test_decode_encodes_each_image_once_and_answers_as_a_plain_loop(base, world):
+    """decode() runs the vision tower once per distinct image for the whole loop, and its greedy
+    answers equal a plain token-by-token loop that encodes every image at every step."""
+    from zoomless.train.shared_images import vision_module
+    from zoomless.world.trainer import decode
+
+    model, processor = base
+    stats = image_stats(processor)
+    bucket = world.buckets["full"][0]
+    picks = torch.tensor([0, 0, 1, 2, 2, 2])
+    seen = []
+    hook = vision_module(model).patch_embed.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    out, length = decode(model, world, bucket, picks, stats, max_new=5)
+    hook.remove()
+    gh, gw = bucket.grid
+    assert seen == [3 * gh * gw]  # one call, three distinct images
+
+    for row, p in enumerate(picks.tolist()):
+        ids = []
+        with torch.no_grad():
+            for _ in range(5):
+                resp = torch.tensor([ids]) if ids else None
+                b = make_batch(world, bucket, torch.tensor([p]), stats, with_answer=False, responses=resp,
+                               response_len=torch.tensor([len(ids)]) if ids else None)
+                h = model.model(**b.inputs, use_cache=False).last_hidden_state[0, b.lengths[0] - 1]
+                logits = model.get_output_embeddings()(h).float()
+                logits[world.banned] = float("-inf")
+                ids.append(int(logits.argmax()))
+                if ids[-1] == world.eos_id:
+                    break
+        assert out[row, : length[row]].tolist() == ids, (row, p)

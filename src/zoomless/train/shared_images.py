@@ -98,20 +98,49 @@ def encode_once(visual: nn.Module | None, sharing: ImageSharing | None) -> Itera
             h.remove()
 
 
+@contextlib.contextmanager
+def vision_once(visual: nn.Module | None) -> Iterator[None]:
+    """Within the block, every call of `visual` returns (a copy of) what its first call returned:
+    for a decode loop without a KV cache, which feeds the same images at every step. No grad."""
+    if visual is None:
+        yield
+        return
+    original, memo = visual.forward, []
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not memo:
+            memo.append(original(*args, **kwargs))
+        return _map_tensors(memo[0], lambda t: t)  # a new container: HF rewrites the one it gets
+
+    visual.forward = forward  # an instance attribute: nn.Module.__call__ (and its hooks) call it
+    try:
+        yield
+    finally:
+        del visual.forward
+
+
 def _expand(value: Any, n_patches: int, per_patch: Tensor, n_tokens: int, per_token: Tensor) -> Any:
-    """Every tensor in `value` (a tensor, a ModelOutput, a tuple or list of them) whose first
-    dimension counts the kept images' patches or merged tokens, gathered out to every image."""
+    """Every tensor in `value` whose first dimension counts the kept images' patches or merged
+    tokens, gathered out to every image."""
+
+    def gather(t: Tensor) -> Tensor:
+        if t.dim() and t.shape[0] == n_tokens:
+            return t[per_token]
+        if t.dim() and t.shape[0] == n_patches:
+            return t[per_patch]
+        return t
+
+    return _map_tensors(value, gather)
+
+
+def _map_tensors(value: Any, fn: Any) -> Any:
+    """`value` (a tensor, a transformers ModelOutput or dict, a tuple or list of them) rebuilt with
+    `fn` applied to every tensor; containers are new, never changed in place."""
     if isinstance(value, Tensor):
-        if value.dim() and value.shape[0] == n_tokens:
-            return value[per_token]
-        if value.dim() and value.shape[0] == n_patches:
-            return value[per_patch]
-        return value
+        return fn(value)
     if isinstance(value, dict):  # transformers' ModelOutput is a dict whose items are its fields
-        for key in list(value.keys()):
-            value[key] = _expand(value[key], n_patches, per_patch, n_tokens, per_token)
-        return value
+        return type(value)(**{k: _map_tensors(v, fn) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
-        items = [_expand(v, n_patches, per_patch, n_tokens, per_token) for v in value]
-        return type(value)(items) if isinstance(value, list) else tuple(items)
+        items = [_map_tensors(v, fn) for v in value]
+        return items if isinstance(value, list) else tuple(items)
     return value

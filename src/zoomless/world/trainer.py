@@ -37,6 +37,7 @@ from zoomless.eval.grading import grade
 from zoomless.train.common import build_optimizer
 from zoomless.train.ema import ema_update_
 from zoomless.train.losses import gather_logprobs, grpo_advantages, topk_generalized_jsd, topk_ids
+from zoomless.train.shared_images import encode_once, sharing_of, vision_module, vision_once
 from zoomless.world.tensors import Batch, Bucket, WorldTensors, make_batch, parse_view
 
 
@@ -139,8 +140,10 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def token_logits(model: nn.Module, batch: Batch, responses: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits [B, R, V] predicting each response token, and the valid mask [B, R]."""
-    hidden = model.model(**batch.inputs, use_cache=False).last_hidden_state
+    """Logits [B, R, V] predicting each response token, and the valid mask [B, R]. Rows of one
+    scene (the rollouts of a prompt) have one image: it is encoded once (`train/shared_images.py`)."""
+    with encode_once(vision_module(model), sharing_of(batch.rows.tolist())):
+        hidden = model.model(**batch.inputs, use_cache=False).last_hidden_state
     r = responses.shape[1]
     j = torch.arange(r, device=hidden.device)
     pos = (batch.answer_start.view(-1, 1) - 1 + j).clamp(max=hidden.shape[1] - 1)
@@ -166,25 +169,36 @@ def decode(model: nn.Module, data: WorldTensors, bucket: Bucket, picks: Tensor, 
     out = torch.full((b, max_new), data.pad_id, dtype=torch.long, device=dev)
     length = torch.zeros(b, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    for t in range(max_new):
-        resp = (out[:, :t], length) if t else (None, None)
-        batch = make_batch(data, bucket, picks, stats, with_answer=False, responses=resp[0], response_len=resp[1])
-        with _autocast(dev):
-            hidden = model.model(**batch.inputs, use_cache=False).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[torch.arange(b, device=dev), batch.lengths - 1]).float()
-        logits[:, data.banned] = float("-inf")
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(dev)
-        else:
-            nxt = logits.argmax(-1)
-        live = ~done
-        out[live, length[live]] = nxt[live]
-        length = length + live.long()
-        done = done | (nxt == data.eos_id)
-        if bool(done.all()):
-            break
+    visual = vision_module(model)
+    # the images are the same at every step: encode each distinct one once, for the whole loop
+    with vision_once(visual), encode_once(visual, sharing_of(picks.tolist())):
+        for t in range(max_new):
+            if _decode_step(model, data, bucket, picks, stats, out, length, done, t, temperature, gen):
+                break
     return out, length
+
+
+def _decode_step(model: nn.Module, data: WorldTensors, bucket: Bucket, picks: Tensor, stats: tuple, out: Tensor,
+                 length: Tensor, done: Tensor, t: int, temperature: float, gen: torch.Generator | None) -> bool:
+    """One token for every unfinished row (written into `out`, `length`, `done` in place); True
+    when every row has ended."""
+    dev, b = data.device, len(picks)
+    resp = (out[:, :t], length) if t else (None, None)
+    batch = make_batch(data, bucket, picks, stats, with_answer=False, responses=resp[0], response_len=resp[1])
+    with _autocast(dev):
+        hidden = model.model(**batch.inputs, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[torch.arange(b, device=dev), batch.lengths - 1]).float()
+    logits[:, data.banned] = float("-inf")
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(dev)
+    else:
+        nxt = logits.argmax(-1)
+    live = ~done
+    out[live, length[live]] = nxt[live]
+    length += live.long()
+    done |= nxt == data.eos_id
+    return bool(done.all())
 
 
 def evaluate(model: nn.Module, data: WorldTensors, view: str, stats: tuple, tokenizer: Any, batch: int = 256,
