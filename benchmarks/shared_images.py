@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from zoomless.demo import AREA, SIZE, shipped_model_dir
+from zoomless.demo import SIZE, WORLD, shipped_model_dir
 from zoomless.models.loading import load_vlm
 from zoomless.train.batching import build_batch, encode_prompt, response_hidden
 from zoomless.train.common import pad_id, view_conversation
@@ -39,8 +39,7 @@ def main(argv=None) -> int:
                                 max_pixels=SIZE * SIZE)
     model.train()
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate_split(tmp, "bench", args.prompts, size=SIZE, min_area_fraction=AREA[0],
-                              max_area_fraction=AREA[1], progress=False)
+        data = generate_split(tmp, "bench", args.prompts, **WORLD, progress=False)
         convs = [view_conversation(s, "full", "open", max_pixels=SIZE * SIZE, crop_margin=0.25, zoom=2.0)
                  for s in read_samples(data)]
     prompts = [encode_prompt(processor, c) for c in convs]

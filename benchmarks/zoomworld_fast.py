@@ -96,6 +96,7 @@ def world_spec(args, split: str) -> WorldSpec:
     train = split == "train"
     return WorldSpec(split=split, seed=args.train_seed if train else args.world_seed, size=args.size,
                      min_area_fraction=args.min_area, max_area_fraction=args.max_area, frame_fraction=args.frame,
+                     panels=args.panels, ocr=args.ocr,
                      locate_share=getattr(args, "locate_share", 0.0) if train else 0.0)
 
 
@@ -220,7 +221,7 @@ def cmd_opd(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, processor = load(Path(args.base), device)
-    ceiling, _ = load(Path(args.ceiling), device)
+    ceiling = load(Path(args.ceiling), device)[0] if args.ceiling else None
     stats = image_stats(processor)
     args.train_n = args.opd_train_n
     teacher_views = {parse_variant(v)[1].get("teacher_view", "crop") for v in args.variant}
@@ -230,7 +231,8 @@ def cmd_opd(args) -> None:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "args": vars(args),
                "base": {s: dual_view(base, data[s], stats, tok) for s in ("val", "test")},
-               "ceiling": {s: dual_view(ceiling, data[s], stats, tok) for s in ("val", "test")}, "variants": {}}
+               "ceiling": {s: dual_view(ceiling, data[s], stats, tok) for s in ("val", "test")} if ceiling else None,
+               "variants": {}}
     del ceiling
     for spec in args.variant:
         run_variants("opd", spec, OPDConfig, args, data["train"], data, stats, processor, results, out)
@@ -275,10 +277,10 @@ def run_variants(method, spec, cls, args, train, data, stats, processor, results
         else:
             steps = fit_grpo(student, train, stats, cfg, hist, on_eval)
         test = dual_view(student, data["test"], stats, tok)
-        b, c = results["base"]["test"], results["ceiling"]["test"]
+        b, c = results["base"]["test"], (results["ceiling"] or {}).get("test")
         row = {"config": {k: getattr(cfg, k) for k in cls.__dataclass_fields__}, "steps": steps,
                "val": last["val"], "test": test,
-               "gap_closed_test": gap_closed(b["full"]["all"], test["full"]["all"], c["full"]["all"]),
+               "gap_closed_test": gap_closed(b["full"]["all"], test["full"]["all"], c["full"]["all"]) if c else None,
                "crop_change_test": round(test["crop"]["all"] - b["crop"]["all"], 2)}
         results["variants"].setdefault(f"{method}:{name}", []).append(row)
         log(f"{method} {name} seed {seed}: {steps} steps, test full {test['full']['all']} crop {test['crop']['all']}, "
@@ -358,7 +360,9 @@ def cmd_gaps(args) -> None:
     import matplotlib.pyplot as plt
 
     res = json.loads(Path(args.results).read_text())
-    rows = {"BASE": [res["base"]["test"]["gap"]], "CEILING": [res["ceiling"]["test"]["gap"]]}
+    rows = {"BASE": [res["base"]["test"]["gap"]]}
+    if res.get("ceiling"):
+        rows["CEILING"] = [res["ceiling"]["test"]["gap"]]
     rows.update({name: [r["test"]["gap"] for r in runs] for name, runs in res["variants"].items()})
     dims = list(rows["BASE"][0])
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -376,6 +380,14 @@ def cmd_gaps(args) -> None:
     print(args.png)
 
 
+def panel_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--panels takes N or LO-HI, e.g. 1 or 4-6, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -386,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--min-area", type=float, default=0.03)
         s.add_argument("--max-area", type=float, default=0.06)
         s.add_argument("--frame", type=float, default=0.05, help="panel frame width / shorter panel side")
+        s.add_argument("--panels", type=panel_range, default=(4, 6),
+                       help="framed panels per scene, N or LO-HI (default 4-6); 1: the evidence panel alone in the clutter")
+        s.add_argument("--ocr", choices=("strings", "words"), default="strings",
+                       help="OCR panels show random strings or one of a few words")
         s.add_argument("--world-seed", type=int, default=0)
         s.add_argument("--train-seed", type=int, default=0, help="world seed of the train split only (fresh scenes)")
         s.add_argument("--val-n", type=int, default=300)
@@ -413,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more views to score on val at each evaluation, e.g. full:1,full:2")
     o = sub.choices["opd"]
     o.add_argument("--base", required=True)
-    o.add_argument("--ceiling", required=True)
+    o.add_argument("--ceiling", default="", help="the CEILING, for the share of the gap closed (optional)")
     o.add_argument("--opd-train-n", type=int, default=20000)
     o.add_argument("--opd-seconds", type=float, default=60)
     o.add_argument("--seeds", type=int, default=1)

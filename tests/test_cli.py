@@ -46,6 +46,15 @@ def test_world_model_eval_end_to_end(tmp_path: Path) -> None:
     assert results["settings"]["form"] == "open" and results["summary"]["n"] == 3
 
 
+def test_world_lone_panel_with_words(tmp_path: Path) -> None:
+    out = zoomless("world", str(tmp_path / "zw"), "-n", "4", "--size", "224", "--min-area-fraction", "0.03",
+                   "--max-area-fraction", "0.06", "--panels", "1", "--ocr", "words", "--no-sheet")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "zw" / "test.jsonl").read_text().splitlines()]
+    assert [len(r["meta"]["panels"]) for r in rows] == [1, 1, 1, 1] and rows[1]["dimension"] == "ocr"
+    assert rows[1]["meta"]["ocr"] == "words" and rows[1]["answer"].isalpha()
+
+
 def test_bad_input_gets_one_clear_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "image": "x.png"}\n')  # no question
@@ -55,6 +64,10 @@ def test_bad_input_gets_one_clear_line(tmp_path: Path) -> None:
     assert "question" in out.stdout and "bad.jsonl:1" in out.stdout
     out = zoomless("world", str(tmp_path / "zw"), "--dimensions", "colour")
     assert out.returncode == 2 and "colour" in out.stdout
+    out = zoomless("world", str(tmp_path / "zw"), "--ocr", "glyphs", "--size", "448")
+    assert out.returncode == 2 and "glyphs" in out.stdout
+    out = zoomless("world", str(tmp_path / "zw"), "--panels", "many", "--size", "448")
+    assert out.returncode == 2 and "--panels" in out.stdout
     out = zoomless("train", "sft", "--set", "model_dir=x", "--set", "data=y", "--set", "out_dir=z", "--set", "lr=fast")
     assert out.returncode == 2 and "lr" in out.stdout
 

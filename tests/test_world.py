@@ -26,7 +26,7 @@ from zoomless.world import (
 )
 from zoomless.world import generate as gen
 from zoomless.world.contact_sheet import cell_size
-from zoomless.world.dimensions import OCR_ALPHABET
+from zoomless.world.dimensions import OCR_ALPHABET, OCR_WORDS
 from zoomless.world.scene import Panel
 
 SMALL = 400  # scene side for tests that do not look at contents (the smallest that fits 0.5% panels)
@@ -160,6 +160,24 @@ def test_bad_input_fails_clearly():
         plan_sample(0, split="../train")
     with pytest.raises(ValueError, match="frame_fraction"):
         plan_sample(0, frame_fraction=0.5)
+    with pytest.raises(ValueError, match="panels must be"):
+        plan_sample(0, panels=(0, 2))
+    with pytest.raises(ValueError, match="unknown ocr mode 'glyphs'"):
+        plan_sample(1, ocr="glyphs")
+
+
+def test_lone_panel_world_with_ocr_words():
+    """panels=(1, 1): the evidence panel is the only framed one (the clutter still holds loose
+    values of every kind); ocr="words": text panels and loose text show words of OCR_WORDS."""
+    for i in range(12):
+        scene, s = plan_sample(i, size=224, min_area_fraction=0.03, max_area_fraction=0.06, panels=(1, 1), ocr="words")
+        assert len(scene.panels) == 1 and s.meta["ocr"] == "words"
+        assert s.answer in s.options and len(set(s.options)) == 4
+        if s.dimension == "ocr":
+            assert s.answer in OCR_WORDS and set(s.options) <= set(OCR_WORDS)
+    default, _ = plan_sample(1, size=224, min_area_fraction=0.03, max_area_fraction=0.06)
+    assert 4 <= len(default.panels) <= 6 and default.answer not in OCR_WORDS
+    assert all(set(w) <= set(OCR_ALPHABET) for w in OCR_WORDS)
 
 
 def test_frame_width_changes_nothing_else():

@@ -249,6 +249,23 @@ def test_fresh_scenes_replace_the_training_set(base):
     assert stream.poll() is None
 
 
+def test_a_stopped_build_ends_its_workers_at_once(base):
+    """build_world with its stop event set raises Cancelled and leaves no worker process behind
+    (FreshScenes.close relies on it: a rendering thread alive at exit aborted a GPU run)."""
+    import multiprocessing
+    import threading
+
+    from zoomless.world.tensors import Cancelled
+
+    model, processor = base
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="stopped"):
+        build_world(SPEC, 400, ("full", "crop"), processor, end_of_turn_id(model, processor), workers=2,
+                    progress=False, stop=stop)
+    assert multiprocessing.active_children() == []
+
+
 def test_locate_questions_ask_for_the_place_and_have_no_crop(base):
     """A locate scene asks where the named panel is (3 x 3 places) and appears in full views only."""
     from zoomless.world.locate import as_locate, is_locate, place

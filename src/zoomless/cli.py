@@ -46,6 +46,9 @@ def world(
     dimensions: str = typer.Option("", help="Comma-separated subset of: counting,ocr,color,structure,material,object."),
     max_area_fraction: float = typer.Option(0.03, help="Largest evidence region, as a fraction of the image."),
     min_area_fraction: float = typer.Option(0.005, help="Smallest evidence region, as a fraction of the image."),
+    frame_fraction: float = typer.Option(0.05, help="Panel frame width, as a fraction of the panel's shorter side."),
+    panels: str = typer.Option("4-6", help="Framed panels per scene, N or LO-HI; 1: the evidence panel alone in the clutter."),
+    ocr: str = typer.Option("strings", help="OCR panels show random 3-4 character 'strings' or one of ten 'words'."),
     workers: int = typer.Option(0, help="Render in this many processes (0: in this one); same output."),
     sheet: bool = typer.Option(True, help="Also write contact_sheet_<split>.png."),
 ) -> None:
@@ -57,10 +60,17 @@ def world(
     unknown = set(dims) - set(zw.DIMENSIONS)
     if unknown:
         _fail(f"unknown dimension(s) {sorted(unknown)}; choose from {list(zw.DIMENSIONS)}")
-    path = zw.generate_split(
-        out_dir, split, n, seed=seed, size=size, dimensions=dims, max_area_fraction=max_area_fraction,
-        min_area_fraction=min_area_fraction, workers=workers,
-    )
+    lo, _, hi = panels.partition("-")
+    if not (lo.isdigit() and (hi.isdigit() or not hi)):
+        _fail(f"--panels takes N or LO-HI, e.g. 1 or 4-6, got {panels!r}")
+    try:
+        path = zw.generate_split(
+            out_dir, split, n, seed=seed, size=size, dimensions=dims, max_area_fraction=max_area_fraction,
+            min_area_fraction=min_area_fraction, frame_fraction=frame_fraction, panels=(int(lo), int(hi or lo)),
+            ocr=ocr, workers=workers,
+        )
+    except ValueError as e:
+        _fail(str(e))
     console.print(f"wrote [bold]{n}[/] samples to {path}")
     if sheet:
         png = zw.contact_sheet(read_samples(path)[:16], Path(out_dir) / f"contact_sheet_{split}.png")

@@ -1,7 +1,8 @@
 """`zoomless demo`: the story on a CPU, on the embedded default, in a few minutes.
 
-1. Generate ZoomWorld splits (224 px scenes; the answer sits in one of 4-6 framed panels, each
-   3-6% of the scene), as the shipped models were trained on them.
+1. Generate ZoomWorld splits as the shipped models were trained on them: 224 px scenes, the
+   answer in the one framed panel (3-6% of the scene) among loose distractors of every kind,
+   text panels showing one of ten words (the "lone-panel world", docs/ZOOMWORLD.md).
 2. Load the shipped ZoomWorld BASE model (trained on crops only; see docs/ZOOMWORLD.md), or build a
    tiny random Qwen2.5-VL when the package carries none.
 3. Ask every test question twice, on the full image and on the crop: the dual-view table and its
@@ -24,6 +25,10 @@ from rich.console import Console
 
 SIZE = 224  # scene side = pixel budget of every view (the shipped models' setting)
 AREA = (0.03, 0.06)  # evidence panel, fraction of the scene
+PANELS = (1, 1)  # framed panels per scene: the evidence alone among unframed distractors
+OCR = "words"  # text panels show one of ten words
+# The world of the shipped models, as `generate_split` / `WorldSpec` arguments.
+WORLD = dict(size=SIZE, min_area_fraction=AREA[0], max_area_fraction=AREA[1], panels=PANELS, ocr=OCR)
 DEMO_STEPS = 100  # Vision-OPD steps: about 2.5 minutes on 2 CPU cores
 LONG_RUN = "zoomworld-opd"  # the BASE after a longer Vision-OPD run, when shipped
 
@@ -37,8 +42,7 @@ def shipped_model_dir(name: str = "zoomworld-base") -> Path | None:
 def _world(out_dir: Path, split: str, n: int) -> Path:
     from zoomless.world import generate_split
 
-    return generate_split(out_dir / "world", split, n, seed=0, size=SIZE, min_area_fraction=AREA[0],
-                          max_area_fraction=AREA[1])
+    return generate_split(out_dir / "world", split, n, seed=0, **WORLD)
 
 
 def _dual_view(samples, model_dir: Path, out_dir: Path, name: str):

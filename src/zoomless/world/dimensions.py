@@ -36,6 +36,11 @@ PANEL_FILL: d.RGB = (246, 244, 238)
 # 1/I/L, 2/Z, 5/S, 6/G, 8/B, U/V) are left out so every string has one reading.
 TEXT_COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "brown", "black")
 OCR_ALPHABET = "ACEFHJKMNPRTWXY3479"
+# The closed OCR vocabulary of `ocr="words"` worlds: short words spelled in OCR_ALPHABET, so that
+# reading text is recognising one of a few words (like every other dimension) rather than
+# spelling 3-4 random characters, which the from-scratch ZoomWorld models never learned.
+OCR_WORDS: tuple[str, ...] = ("CAT", "HEN", "MAP", "NET", "JAM", "FAN", "RAY", "YAK", "WAX", "ARK")
+OCR_MODES: tuple[str, ...] = ("strings", "words")
 
 COUNTS: tuple[str, ...] = tuple(str(i) for i in range(1, 7))
 SHAPES: tuple[str, ...] = tuple(d.SHAPE_PRIMS)
@@ -60,11 +65,14 @@ def reference(frame: str) -> str:
     return f"the panel with the {frame} border"
 
 
-def value_pool(dimension: str) -> tuple[str, ...] | None:
-    """The closed set of values of a dimension; None for ocr (strings are drawn at random)."""
+def value_pool(dimension: str, ocr: str = "strings") -> tuple[str, ...] | None:
+    """The closed set of values of a dimension; None for ocr strings (drawn at random), OCR_WORDS
+    for ocr="words"."""
     pools = {"counting": COUNTS, "color": tuple(COLORS), "structure": SHAPES, "material": MATERIALS, "object": OBJECTS}
+    if ocr not in OCR_MODES:
+        raise ValueError(f"unknown ocr mode {ocr!r}; choose from {list(OCR_MODES)}")
     if dimension == "ocr":
-        return None
+        return OCR_WORDS if ocr == "words" else None
     if dimension not in pools:
         raise ValueError(f"unknown dimension {dimension!r}; choose from {list(DIMENSIONS)}")
     return pools[dimension]
@@ -75,9 +83,9 @@ def random_string(rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(OCR_ALPHABET), size=n, replace=False).tolist())
 
 
-def distinct_values(dimension: str, n: int, rng: np.random.Generator) -> list[str]:
+def distinct_values(dimension: str, n: int, rng: np.random.Generator, ocr: str = "strings") -> list[str]:
     """n different values of `dimension`."""
-    pool = value_pool(dimension)
+    pool = value_pool(dimension, ocr)
     if pool is None:
         out: list[str] = []
         while len(out) < n:

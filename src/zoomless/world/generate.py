@@ -53,6 +53,7 @@ def _to_sample(scene: Scene, split: str, index: int, seed: int, s_seed: int) -> 
         "evidence_panel": scene.evidence,
         "panels": [p.to_meta() for p in scene.panels],
         "generator_version": GENERATOR_VERSION,
+        **({"ocr": scene.ocr} if scene.ocr != "strings" else {}),
     }
     return Sample(
         id=sid,
@@ -76,6 +77,8 @@ def plan_sample(
     max_area_fraction: float = 0.03,
     min_area_fraction: float = 0.005,
     frame_fraction: float = 0.05,
+    panels: tuple[int, int] = (4, 6),
+    ocr: str = "strings",
 ) -> tuple[Scene, Sample]:
     """The scene plan and record of one sample, without rendering pixels."""
     if not dimensions:
@@ -86,7 +89,7 @@ def plan_sample(
         raise ValueError(f"split {split!r} must be a plain name (letters, digits, '_', '-', '.'), e.g. train")
     dimension = dimensions[index % len(dimensions)]  # round robin: balanced dimensions
     s_seed = scene_seed(split, index, seed)
-    scene = plan_scene(s_seed, dimension, size, min_area_fraction, max_area_fraction, frame_fraction)
+    scene = plan_scene(s_seed, dimension, size, min_area_fraction, max_area_fraction, frame_fraction, panels, ocr)
     return scene, _to_sample(scene, split, index, seed, s_seed)
 
 
@@ -134,11 +137,8 @@ def save_png(image: Image.Image, path: Path, key: str) -> None:
 
 def _render_one(job: tuple) -> Sample:
     """Plan one sample and render its PNG unless a current one is on disk (one unit of pool work)."""
-    out, i, split, seed, size, dimensions, max_area_fraction, min_area_fraction = job
-    scene, sample = plan_sample(
-        i, split=split, seed=seed, size=size, dimensions=dimensions,
-        max_area_fraction=max_area_fraction, min_area_fraction=min_area_fraction,
-    )
+    out, i, plan = job
+    scene, sample = plan_sample(i, **plan)
     path = out / sample.image
     key = _png_key(sample)
     if not _is_current(path, key):
@@ -156,6 +156,9 @@ def generate_split(
     dimensions: Sequence[str] = DIMENSIONS,
     max_area_fraction: float = 0.03,
     min_area_fraction: float = 0.005,
+    frame_fraction: float = 0.05,
+    panels: tuple[int, int] = (4, 6),
+    ocr: str = "strings",
     progress: bool = True,
     workers: int = 0,
 ) -> Path:
@@ -169,11 +172,12 @@ def generate_split(
         raise ValueError(f"n must be >= 0, got {n}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    plan_sample(0, split=split, seed=seed, size=size, dimensions=dimensions,  # bad arguments fail here, once
-                max_area_fraction=max_area_fraction, min_area_fraction=min_area_fraction)
+    plan = dict(split=split, seed=seed, size=size, dimensions=tuple(dimensions), max_area_fraction=max_area_fraction,
+                min_area_fraction=min_area_fraction, frame_fraction=frame_fraction, panels=tuple(panels), ocr=ocr)
+    plan_sample(0, **plan)  # bad arguments fail here, once
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jobs = ((out, i, split, seed, size, tuple(dimensions), max_area_fraction, min_area_fraction) for i in range(n))
+    jobs = ((out, i, plan) for i in range(n))
     columns = (TextColumn(f"zoomworld {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     samples = []
     with Progress(*columns, disable=not progress) as bar:

@@ -55,6 +55,7 @@ class Scene:
     question: str
     answer: str
     options: tuple[str, ...]
+    ocr: str = "strings"  # what text shows, in panels and clutter alike (dims.OCR_MODES)
 
     @property
     def evidence_panel(self) -> Panel:
@@ -96,9 +97,13 @@ def plan_scene(
     min_area_fraction: float = 0.005,
     max_area_fraction: float = 0.03,
     frame_fraction: float = 0.05,
+    panels: tuple[int, int] = (4, 6),
+    ocr: str = "strings",
 ) -> Scene:
     """Every random choice of one scene, drawn from `scene_seed`. A panel's frame is
-    `frame_fraction` of its shorter side wide (at least 2 px); it changes no random choice."""
+    `frame_fraction` of its shorter side wide (at least 2 px); it changes no random choice.
+    `panels` bounds how many framed panels the scene tries to place (the evidence and the
+    distractor panels); `ocr` is "strings" (random characters) or "words" (dims.OCR_WORDS)."""
     if dimension not in dims.DIMENSIONS:
         raise ValueError(f"unknown dimension {dimension!r}; choose from {list(dims.DIMENSIONS)}")
     if not 0 < min_area_fraction <= max_area_fraction <= 0.2:
@@ -112,12 +117,15 @@ def plan_scene(
         )
     if not 0 < frame_fraction <= 0.3:
         raise ValueError(f"frame_fraction must be in (0, 0.3], got {frame_fraction}")
+    if not 1 <= panels[0] <= panels[1] <= len(dims.FRAME_COLORS):
+        raise ValueError(f"panels must be (lo, hi) with 1 <= lo <= hi <= {len(dims.FRAME_COLORS)} "
+                         f"(one frame colour each), got {panels}")
     rng = np.random.default_rng(scene_seed)
     aspect = dims.ASPECT.get(dimension, 1.0)
     gap = max(4, round(0.015 * size))
 
     # Boxes first (the evidence panel is placed first, so it always fits), then values.
-    want = int(rng.integers(4, 7))
+    want = int(rng.integers(panels[0], panels[1] + 1))
     boxes: list[Box] = []
     for _ in range(want):
         box = _place(rng, size, *_panel_size(rng, size, aspect, min_area_fraction, max_area_fraction), boxes, gap)
@@ -126,7 +134,7 @@ def plan_scene(
         if box is not None:
             boxes.append(box)
     n = len(boxes)
-    values = dims.distinct_values(dimension, n, rng)
+    values = dims.distinct_values(dimension, n, rng, ocr)
     frames = rng.choice(list(dims.FRAME_COLORS), size=n, replace=False).tolist()
     panels = []
     for box, frame, value in zip(boxes, frames, values):
@@ -138,7 +146,7 @@ def plan_scene(
     # option is visible somewhere and only the referred panel settles the answer).
     answer = values[0]
     others = values[1:4]
-    pool = dims.value_pool(dimension)
+    pool = dims.value_pool(dimension, ocr)
     while len(others) < 3:
         extra = dims.random_string(rng) if pool is None else str(rng.choice(list(pool)))
         if extra != answer and extra not in others:
@@ -147,7 +155,7 @@ def plan_scene(
     options = [options[i] for i in rng.permutation(4)]
     template = dims.QUESTIONS[dimension][int(rng.integers(len(dims.QUESTIONS[dimension])))]
     question = template.format(ref=dims.reference(frames[0]))
-    return Scene(size, dimension, tuple(panels), 0, int(rng.integers(0, 2**31)), question, answer, tuple(options))
+    return Scene(size, dimension, tuple(panels), 0, int(rng.integers(0, 2**31)), question, answer, tuple(options), ocr)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -170,7 +178,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return small.resize((nb * block, nb * block), Image.NEAREST).crop((0, 0, size, size))
 
 
-def _clutter(rng: np.random.Generator, size: int) -> Image.Image:
+def _clutter(rng: np.random.Generator, size: int, ocr: str = "strings") -> Image.Image:
     """Background with translucent shapes, lines, small blobs and loose unframed distractor items."""
     img = _background(rng, size)
     scale = (size / 1024) ** 2
@@ -200,7 +208,7 @@ def _clutter(rng: np.random.Generator, size: int) -> Image.Image:
     # Loose distractors of every kind, unframed, so that what the panels show is not rare in the image.
     for _ in range(int(rng.integers(8, 16) * scale) + 2):
         dim = dims.DIMENSIONS[int(rng.integers(len(dims.DIMENSIONS)))]
-        value = dims.distinct_values(dim, 1, rng)[0]
+        value = dims.distinct_values(dim, 1, rng, ocr)[0]
         colour = dims.ink_colour(dim, value, rng)
         side = int(rng.uniform(0.025, 0.08) * size)
         w = int(side * dims.ASPECT.get(dim, 1.0))
@@ -229,7 +237,7 @@ def render_scene(scene: Scene, panels: int | None = None) -> Image.Image:
 def render_scene_variants(scene: Scene, counts: list[int | None]) -> dict[int | None, Image.Image]:
     """`render_scene(scene, k)` for every k in `counts`, drawing the clutter once and the panels
     one after another (fewest first)."""
-    img = _clutter(np.random.default_rng(scene.clutter_seed), scene.size)
+    img = _clutter(np.random.default_rng(scene.clutter_seed), scene.size, scene.ocr)
     out, drawn = {}, 0
     for k in sorted(set(counts), key=lambda c: len(scene.panels) if c is None else c):
         stop = len(scene.panels) if k is None else min(k, len(scene.panels))

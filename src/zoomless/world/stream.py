@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from zoomless.world.tensors import WorldSpec, WorldTensors, build_world
+from zoomless.world.tensors import Cancelled, WorldSpec, WorldTensors, build_world
 
 
 class FreshScenes:
@@ -30,6 +30,7 @@ class FreshScenes:
         self._next_start = n
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] = {}
+        self._stop = threading.Event()
         self._start_next()
 
     def _start_next(self) -> None:
@@ -37,7 +38,10 @@ class FreshScenes:
 
         def work() -> None:
             try:
-                self._result["world"] = build_world(self.spec, self.n, self.views, start=start, **self._build)
+                self._result["world"] = build_world(self.spec, self.n, self.views, start=start, stop=self._stop,
+                                                    **self._build)
+            except Cancelled:
+                pass
             except BaseException as e:  # reported on the training thread by poll()
                 self._result["error"] = e
 
@@ -66,6 +70,10 @@ class FreshScenes:
         return world
 
     def close(self) -> None:
-        """Stop handing over scenes; the rendering in flight is left to finish on its own (its
-        thread is a daemon and its result is dropped), so the caller does not wait for it."""
-        self._thread = None
+        """Stop handing over scenes and abandon the rendering in flight. Its thread is joined: a
+        thread left running with worker processes at interpreter exit aborted a GPU run (exit -6,
+        "terminate called without an active exception", 2026-12-06)."""
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None:
+            thread.join(timeout=60)

@@ -17,6 +17,7 @@ ZoomWorld trainer for the tiny models, not a general data path.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -73,6 +74,8 @@ class WorldSpec:
     min_area_fraction: float = 0.03
     max_area_fraction: float = 0.06
     frame_fraction: float = 0.05  # panel frame width / shorter panel side
+    panels: tuple[int, int] = (4, 6)  # framed panels per scene: the evidence and distractor panels
+    ocr: str = "strings"  # "words": OCR panels show one of a few words (dimensions.OCR_WORDS)
     locate_share: float = 0.0  # share of scenes that ask where the panel is (training aid, full views only)
     dimensions: tuple[str, ...] = DIMENSIONS
     max_pixels: int | None = None  # default: size * size
@@ -85,7 +88,7 @@ class WorldSpec:
         scene, sample = plan_sample(
             index, split=self.split, seed=self.seed, size=self.size, dimensions=self.dimensions,
             min_area_fraction=self.min_area_fraction, max_area_fraction=self.max_area_fraction,
-            frame_fraction=self.frame_fraction,
+            frame_fraction=self.frame_fraction, panels=self.panels, ocr=self.ocr,
         )
         if is_locate(index, self.locate_share, self.seed):
             sample = as_locate(sample)
@@ -218,6 +221,10 @@ class WorldTensors:
         return len(self.samples)
 
 
+class Cancelled(RuntimeError):
+    """`build_world` was asked to stop."""
+
+
 def build_world(
     spec: WorldSpec,
     n: int,
@@ -230,9 +237,11 @@ def build_world(
     progress: bool = True,
     form: str = "open",
     start: int = 0,
+    stop: threading.Event | None = None,
 ) -> WorldTensors:
     """Render scenes start..start+n-1 of `spec` in every view (in `workers` processes) and tokenize
-    them; row i of the result is scene start + i."""
+    them; row i of the result is scene start + i. Setting `stop` (from another thread) abandons the
+    work with `Cancelled` and ends the worker processes at once."""
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     views = tuple(dict.fromkeys(views))
@@ -247,9 +256,13 @@ def build_world(
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("render", total=n)
         pool = multiprocessing.get_context("fork").Pool(workers) if workers else None
+        cancelled = False
         try:
             results = pool.imap(_render_job, jobs, chunksize=64) if pool else map(_render_job, jobs)
             for i, (sample, pixels) in enumerate(results):
+                if stop is not None and stop.is_set():
+                    cancelled = True
+                    raise Cancelled(f"rendering {spec.split} scenes {start}..{start + n - 1} was stopped")
                 samples.append(sample)
                 for view, arr in pixels.items():
                     rows, arrays = by_shape.setdefault((view, arr.shape), ([], []))
@@ -258,7 +271,7 @@ def build_world(
                 bar.advance(task)
         finally:
             if pool:
-                pool.close()
+                pool.terminate() if cancelled else pool.close()
                 pool.join()
     buckets: dict[str, list[Bucket]] = {v: [] for v in views}
     for (view, _), (rows, arrays) in sorted(by_shape.items(), key=lambda kv: (kv[0][0], kv[0][1])):
