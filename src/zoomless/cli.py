@@ -319,10 +319,10 @@ def train_grpo(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume:
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data, model and report."),
     n: int = typer.Option(60, "--n", "-n", help="ZoomWorld test samples."),
-    steps: int = typer.Option(100, help="Vision-OPD steps (about 1.4 s each on 2 CPU cores)."),
+    steps: int = typer.Option(100, help="Vision-OPD steps (about 1 s each on 2 CPU cores)."),
 ) -> None:
     """The whole story on a CPU: ZoomWorld, the shipped base model's dual-view table, a short label-free
-    Vision-OPD run, the table again, and the shipped result of a longer run, with before/after charts."""
+    Vision-OPD run, the table again and a before/after chart (plus a longer run's result, if one is shipped)."""
     from zoomless.demo import run_demo
 
     run_demo(out_dir, n=n, steps=steps, console=console)
