@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from zoomless.train.common import end_of_turn_id
+from zoomless.world.scene import parse_panels
 from zoomless.world.stream import FreshScenes
 from zoomless.world.tensors import WorldSpec, build_world, image_stats
 from zoomless.world.trainer import (
@@ -380,14 +381,6 @@ def cmd_gaps(args) -> None:
     print(args.png)
 
 
-def panel_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--panels takes N or LO-HI, e.g. 1 or 4-6, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -398,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--min-area", type=float, default=0.03)
         s.add_argument("--max-area", type=float, default=0.06)
         s.add_argument("--frame", type=float, default=0.05, help="panel frame width / shorter panel side")
-        s.add_argument("--panels", type=panel_range, default=(4, 6),
+        s.add_argument("--panels", type=parse_panels, default=(4, 6),
                        help="framed panels per scene, N or LO-HI (default 4-6); 1: the evidence panel alone in the clutter")
         s.add_argument("--ocr", choices=("strings", "words"), default="strings",
                        help="OCR panels show random strings or one of a few words")

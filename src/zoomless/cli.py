@@ -60,13 +60,10 @@ def world(
     unknown = set(dims) - set(zw.DIMENSIONS)
     if unknown:
         _fail(f"unknown dimension(s) {sorted(unknown)}; choose from {list(zw.DIMENSIONS)}")
-    lo, _, hi = panels.partition("-")
-    if not (lo.isdigit() and (hi.isdigit() or not hi)):
-        _fail(f"--panels takes N or LO-HI, e.g. 1 or 4-6, got {panels!r}")
     try:
         path = zw.generate_split(
             out_dir, split, n, seed=seed, size=size, dimensions=dims, max_area_fraction=max_area_fraction,
-            min_area_fraction=min_area_fraction, frame_fraction=frame_fraction, panels=(int(lo), int(hi or lo)),
+            min_area_fraction=min_area_fraction, frame_fraction=frame_fraction, panels=zw.parse_panels(panels),
             ocr=ocr, workers=workers,
         )
     except ValueError as e:

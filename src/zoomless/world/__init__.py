@@ -8,7 +8,7 @@ dimensions. The record's box is that panel, in pixels.
 from zoomless.world.contact_sheet import contact_sheet
 from zoomless.world.dimensions import COLORS, DIMENSIONS, FRAME_COLORS, PANEL_FILL, draw_content, value_pool
 from zoomless.world.generate import generate_sample, generate_split, plan_sample, scene_seed
-from zoomless.world.scene import Panel, Scene, plan_scene, render_scene
+from zoomless.world.scene import Panel, Scene, parse_panels, plan_scene, render_scene
 
 __all__ = [
     "COLORS",
@@ -22,6 +22,7 @@ __all__ = [
     "generate_sample",
     "generate_split",
     "plan_sample",
+    "parse_panels",
     "plan_scene",
     "render_scene",
     "scene_seed",

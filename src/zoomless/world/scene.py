@@ -90,6 +90,14 @@ def _place(rng: np.random.Generator, size: int, w: int, h: int, placed: list[Box
     return None
 
 
+def parse_panels(text: str) -> tuple[int, int]:
+    """`plan_scene`'s `panels` from "N" or "LO-HI" (as command lines take it), e.g. "1" or "4-6"."""
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and (hi.isdigit() or not hi)):
+        raise ValueError(f"--panels takes N or LO-HI, e.g. 1 or 4-6, got {text!r}")
+    return int(lo), int(hi or lo)
+
+
 def plan_scene(
     scene_seed: int,
     dimension: str,
