@@ -11,8 +11,12 @@ What one forward of one sequence costs (multiply-adds count 2 FLOPs):
   in windowed blocks, the whole image in `fullatt_block_indexes` blocks).
 Norms, rotary embeddings, activations and softmaxes are left out (a few percent at this shape).
 A training step counts 3 forwards (forward + backward) for what is trained and 1 for what only runs
-forward (the teacher, a frozen tower); activation-checkpoint recompute is counted apart, as the
-extra work of the hardware (HFU), not as model FLOPs (MFU).
+forward (the teacher, a frozen tower). The vision tower counts once per distinct image of the
+student's batch and once per distinct image of the teacher's where the step shares images
+(zoomless.train.shared_images: the rollouts of one prompt share its image), once per sequence
+where it does not (stock transformers). Work the hardware does beyond that is counted apart, as
+HFU, not as model FLOPs (MFU): activation-checkpoint recompute, and an image encoded again in each
+micro-batch that holds rollouts of its prompt.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Seq:
     tokens: int  # prompt (with its image tokens) + response, no padding
     head_tokens: int  # positions whose logits are computed (the response)
     grids: list[tuple[int, int, int]] = field(default_factory=list)  # image_grid_thw of its images
+    image_owner: int | None = None  # sequences of one owner (the rollouts of one prompt) share their images
 
 
 def _text_dims(config: Any) -> dict[str, int]:
@@ -92,29 +97,45 @@ def forward_flops(config: Any, seq: Seq, causal: bool = True) -> dict[str, float
     return out
 
 
+def encodes_images(seqs: Sequence[Seq], group: int) -> list[bool]:
+    """Whether the vision tower encodes each sequence's images when each distinct image is encoded
+    once per forward of `group` consecutive sequences (1: every sequence's images)."""
+    out: list[bool] = []
+    seen: set[int] = set()
+    for i, s in enumerate(seqs):
+        if i % group == 0:
+            seen = set()
+        out.append(s.image_owner is None or s.image_owner not in seen)
+        if s.image_owner is not None:
+            seen.add(s.image_owner)
+    return out
+
+
 def step_flops(
     config: Any, trained: Sequence[Seq], forward_only: Sequence[Seq] = (), *, vision_trained: bool = True,
-    checkpointing: bool = False,
+    checkpointing: bool = False, shared_images: bool = False, micro: int | None = None,
 ) -> dict[str, float]:
-    """Model FLOPs of one step (`model`), its split by part, and the recompute of activation
-    checkpointing (`recompute`: one more forward of the trained layers, head excluded)."""
-    parts: dict[str, float] = {}
+    """Model FLOPs of one step (`model`) and its split by part, and what the hardware does besides
+    (`recompute`): the activation-checkpoint recompute (one more forward of the trained layers,
+    head excluded) and, with `shared_images`, the images encoded again because the rollouts of one
+    prompt span several forwards of `micro` sequences. With `shared_images` the model FLOPs count
+    the vision tower once per distinct image of each list (`trained`, `forward_only`); without,
+    once per sequence, as stock transformers runs it."""
+    parts = dict.fromkeys(("lm_linear", "lm_attention", "lm_head", "vision_linear", "vision_attention"), 0.0)
     recompute = 0.0
-
-    def add(f: dict[str, float], factor: dict[str, float]) -> None:
-        for k, x in f.items():
-            parts[k] = parts.get(k, 0.0) + factor[k] * x
-
-    for s in trained:
-        f = forward_flops(config, s)
-        vis = 3.0 if vision_trained else 1.0
-        add(f, {"lm_linear": 3.0, "lm_attention": 3.0, "lm_head": 3.0, "vision_linear": vis, "vision_attention": vis})
-        if checkpointing:
-            recompute += f["lm_linear"] + f["lm_attention"]
-            recompute += (f["vision_linear"] + f["vision_attention"]) if vision_trained else 0.0
-    for s in forward_only:
-        add(forward_flops(config, s), dict.fromkeys(("lm_linear", "lm_attention", "lm_head", "vision_linear",
-                                                      "vision_attention"), 1.0))
+    for seqs, grad in ((trained, True), (forward_only, False)):
+        lm, vis = (3.0, 3.0 if vision_trained else 1.0) if grad else (1.0, 1.0)
+        whole = max(len(seqs), 1)
+        needed = encodes_images(seqs, whole if shared_images else 1)
+        done = encodes_images(seqs, (micro or whole) if shared_images else 1)
+        for s, n, d in zip(seqs, needed, done):
+            f = forward_flops(config, s)
+            vision = f["vision_linear"] + f["vision_attention"]
+            for k in parts:
+                parts[k] += (vis * n if k.startswith("vision") else lm) * f[k]
+            recompute += vis * vision * (d - n)
+            if checkpointing and grad:
+                recompute += f["lm_linear"] + f["lm_attention"] + (vision * d if vision_trained else 0.0)
     return {"model": sum(parts.values()), "recompute": recompute, "parts": parts}
 
 

@@ -4,7 +4,9 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
 
   fp32 weights + bf16 autocast, activation checkpointing (the project's training defaults):
     hf-plain      stock transformers forward + backward on the same sequences: the labels loss over
-                  full logits, HF's per-window vision attention; no optimizer step (the reference)
+                  full logits, HF's per-window vision attention, every sequence's image encoded; no
+                  optimizer step (the reference). Every other variant encodes each image once per
+                  micro-batch (zoomless.train.shared_images)
     opd           a Vision-OPD step (`opd_step`); the teacher is the live student (the same
                   forward on the crop, without the 15 GB fp32 EMA copy, so that it fits 80 GB)
     grpo          a GRPO step (`grpo_step`)
@@ -179,7 +181,7 @@ def step_sequences(cfg: Any, run: Any, engine: Any) -> dict[str, Any]:
 
     def seq(p: Any, r: Any) -> pm.Seq:
         grids = [tuple(g) for g in p.vision["image_grid_thw"].tolist()] if "image_grid_thw" in p.vision else []
-        return pm.Seq(len(p.input_ids) + len(r.token_ids), len(r.token_ids), grids)
+        return pm.Seq(len(p.input_ids) + len(r.token_ids), len(r.token_ids), grids, r.prompt_index)
 
     return {
         "student": [seq(s_prompts[r.prompt_index], r) for r in rollouts],
@@ -255,13 +257,14 @@ def grpo_config(cfg: Any) -> Any:
 
 def variant_result(
     name: str, m: dict[str, Any], config: Any, seqs: dict[str, Any], *, teacher: bool, vision_trained: bool,
-    checkpointing: bool, micro: int, peak_flops: float | None, what: str,
+    checkpointing: bool, micro: int, shared_images: bool, peak_flops: float | None, what: str,
 ) -> dict[str, Any]:
-    out = {"variant": name, "what": what, "gradient_checkpointing": checkpointing, "micro_batch": micro, **m}
+    out = {"variant": name, "what": what, "gradient_checkpointing": checkpointing, "micro_batch": micro,
+           "shared_images": shared_images, **m}
     if "error" in m:
         return out
-    flops = pm.step_flops(config, seqs["student"], seqs["teacher"] if teacher else (),
-                          vision_trained=vision_trained, checkpointing=checkpointing)
+    flops = pm.step_flops(config, seqs["student"], seqs["teacher"] if teacher else (), vision_trained=vision_trained,
+                          checkpointing=checkpointing, shared_images=shared_images, micro=micro)
     s = m["seconds_per_step"]
     response = sum(q.head_tokens for q in seqs["student"])
     sequence = sum(q.tokens for q in seqs["student"])
@@ -328,7 +331,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     banned = vision_token_ids(run.processor)
     seqs = step_sequences(cfg, run, engine)
     counter = iter(range(1, 10**9))
-    opd_flops = pm.step_flops(run.model.config, seqs["student"], seqs["teacher"])
+    per_sequence = pm.step_flops(run.model.config, seqs["student"], seqs["teacher"])
+    opd_flops = pm.step_flops(run.model.config, seqs["student"], seqs["teacher"], shared_images=True)
     vision = opd_flops["parts"]["vision_linear"] + opd_flops["parts"]["vision_attention"]
     results: dict[str, Any] = {
         "setup": {
@@ -342,9 +346,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         "variants": [],
         "profiles": {},
         "opd_vision_share_of_model_flops": vision / opd_flops["model"],
-        # the rollouts of one prompt share its image: encoding it once per prompt, not once per sequence
-        "opd_flops_saved_by_one_vision_pass_per_prompt": vision * (1 - a.prompts / len(seqs["student"]))
-        / opd_flops["model"],
+        # the rollouts of one prompt share its image: encoded once per prompt, not once per sequence
+        "opd_flops_saved_by_one_vision_pass_per_prompt": 1 - opd_flops["model"] / per_sequence["model"],
     }
     try:  # before any variant changes the model
         results["flop_check"] = flop_check(run, seqs)
@@ -352,11 +355,13 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         results["flop_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     timing = dict(warmup=a.warmup, steps=a.steps, cuda=cuda)
 
-    def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: bool, micro: int, vision: bool = True) -> None:
+    def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: bool, micro: int, vision: bool = True,
+            shared: bool = True) -> None:
+        """`shared`: the step encodes each distinct image once per micro-batch (every zoomless step)."""
         print(f"[train] {name} ...", flush=True)
         m = guarded(run, lambda: measure(step, **timing))
         r = variant_result(name, m, run.model.config, seqs, teacher=teacher, vision_trained=vision, checkpointing=gc_on,
-                           micro=micro, peak_flops=peak_flops, what=what)
+                           micro=micro, shared_images=shared, peak_flops=peak_flops, what=what)
         mfu = "" if r.get("mfu") is None else f", MFU {r['mfu']:.1%}"
         peak = "" if r.get("peak_memory_gib") is None else f", peak {r['peak_memory_gib']:.1f} GiB"
         print(f"[train] {name}: " + (r["error"] if "error" in r else
@@ -389,7 +394,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     # fp32 weights + bf16 autocast, checkpointing on: the project's defaults
     add("hf-plain", hf_plain_step(run, seqs, a.micro), "stock transformers fwd+bwd (labels loss), no optimizer step",
-        teacher=False, gc_on=True, micro=a.micro)
+        teacher=False, gc_on=True, micro=a.micro, shared=False)  # HF encodes every sequence's image
     opd = opd_step_fn(cfg, run, run.model, engine, banned, counter)
     add("opd", opd, "Vision-OPD step, fp32 weights, teacher = live student", teacher=True, gc_on=True, micro=a.micro)
     add("grpo", grpo_step_fn(grpo_config(cfg), run, engine, banned, counter), "GRPO step, fp32 weights",

@@ -354,19 +354,23 @@ def cmd_views(args) -> None:
 
 def cmd_gaps(args) -> None:
     """The test gap (crop - full) per dimension of the BASE, the CEILING and each variant's seeds
-    (mean), from an `opd` run's results.json, as grouped bars."""
+    (mean), from `opd` runs' results.json, as grouped bars. With several files the BASE and the
+    CEILING come from the first and the variants' runs are pooled by name (one seed per job)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = json.loads(Path(args.results).read_text())
+    results = [json.loads(Path(path).read_text()) for path in args.results]
+    res = results[0]
     rows = {"BASE": [res["base"]["test"]["gap"]]}
     if res.get("ceiling"):
         rows["CEILING"] = [res["ceiling"]["test"]["gap"]]
-    rows.update({name: [r["test"]["gap"] for r in runs] for name, runs in res["variants"].items()})
+    for other in results:
+        for name, runs in other["variants"].items():
+            rows.setdefault(name, []).extend(r["test"]["gap"] for r in runs)
     dims = list(rows["BASE"][0])
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(rows)
     for i, (name, gaps) in enumerate(rows.items()):
         means = [sum(g[d] for g in gaps) / len(gaps) for d in dims]
@@ -375,7 +379,7 @@ def cmd_gaps(args) -> None:
     ax.set(ylabel="gap: crop - full accuracy (points)", title=f"ZoomWorld test gap per dimension ({res['device']}, "
            f"{res['date']})")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach the top
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(args.png)
@@ -439,9 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("views", help="validation accuracy per view (full:k, full, crop) of history files")
     v.add_argument("png")
     v.add_argument("history", nargs="+", help="<run>/logs/history_*.jsonl; the run folder names the line")
-    g = sub.add_parser("gaps", help="the test gap per dimension of an `opd` results.json as bars")
+    g = sub.add_parser("gaps", help="the test gap per dimension of `opd` results.json files as bars")
     g.add_argument("png")
-    g.add_argument("results")
+    g.add_argument("results", nargs="+", help="BASE and CEILING from the first; variants pooled by name")
     return p
 
 
