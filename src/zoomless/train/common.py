@@ -27,9 +27,7 @@ from torch import nn
 
 from zoomless.engines.base import Conversation, Engine, Generation, SamplingParams
 from zoomless.sample import Sample, read_samples
-from zoomless.train.batching import (
-    PromptEncoding, TeacherForcingBatch, build_batch, lm_head, response_hidden, with_positions,
-)
+from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, build_batch, lm_head, response_hidden
 from zoomless.train.distributed import (
     Dist,
     export_pretrained,
@@ -510,7 +508,7 @@ def response_stats(rollouts: Sequence[Rollout], dist: Dist | None = None) -> dic
 def rollout_batch(run: "Run", prompts: Sequence[PromptEncoding], rollouts: Sequence[Rollout]) -> TeacherForcingBatch:
     """Teacher forcing of rollouts under per-conversation prompts (`prompts[r.prompt_index]`), on the run's device."""
     batch = build_batch([prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts], pad_id(run.processor))
-    return with_positions(run.model, batch).to(run.device)
+    return batch.to(run.device)
 
 
 @torch.no_grad()
