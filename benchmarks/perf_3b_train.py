@@ -18,12 +18,14 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                            the same function and gradients; bf16 GEMMs whose sizes are not a
                            multiple of 8 run on slow kernels),
     opd-bf16-aligned-fused as opd-bf16-aligned with torch's fused AdamW (one kernel per step)
+    opd-bf16-aligned-fused-compiled  as opd-bf16-aligned-fused with each block's attention, MLP and
+                           norms compiled (`zoomless.models.compiled`; its warm-up step compiles)
 
 Without checkpointing ("nogc") a micro-batch of `--nogc-micro` sequences is tried first and halved
 on out-of-memory. Every step's rollouts come from the fixed engine (distributed_common.FixedEngine):
 `--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
 samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
-step of `opd` and one of `opd-bf16-aligned-fused` run under torch.profiler.
+step of `opd`, `opd-bf16-aligned-fused` and `opd-bf16-aligned-fused-compiled` run under torch.profiler.
 """
 
 from __future__ import annotations
@@ -433,3 +435,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         micro=a.micro)
     if a.profile:
         profile("opd-bf16-aligned-fused", opd_bf16(a.micro))
+
+    # the block parts compiled (fused norms, SwiGLU, rotary, casts); the first (warm-up) step compiles
+    from zoomless.models.compiled import compile_blocks
+
+    n = compile_blocks(run.model)
+    compile_blocks(teacher)
+    add("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro),
+        f"as opd-bf16-aligned-fused, {n} block parts compiled (zoomless.models.compiled)", teacher=True, gc_on=True,
+        micro=a.micro)
+    if a.profile:
+        profile("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro))

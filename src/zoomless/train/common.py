@@ -602,6 +602,10 @@ def start_run(cfg: Any) -> Run:
     model, processor = load_vlm(load_dir, dtype=torch.float32, device=device)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.compile_blocks:
+        from zoomless.models.compiled import compile_blocks
+
+        compile_blocks(model)
     model.requires_grad_(True)
     model.train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)

@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 autocast on CUDA
     gradient_checkpointing: bool = False
+    compile_blocks: bool = False  # torch.compile each block's attention, MLP and norms (models/compiled.py)
     logits_chunk_size: int = Field(512, ge=1)  # response rows per LM-head chunk
     resume: bool = False  # continue from the last checkpoint in out_dir
     tensorboard: bool = True

@@ -169,6 +169,10 @@ def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Mod
     elif run.dist.fsdp:
         init, _ = load_vlm(cfg.model_dir, dtype=torch.float32, device=where)
     teacher = shard_like_policy(run.dist, init) if run.dist.fsdp else make_teacher(run.model, cfg.teacher, init=init)
+    if cfg.compile_blocks:  # a copy runs its parts eagerly: compile them again
+        from zoomless.models.compiled import compile_blocks
+
+        compile_blocks(teacher)
     return teacher, {"teacher": teacher}
 
 
