@@ -63,6 +63,35 @@ def test_distillation_is_zero_on_the_same_view_and_positive_across_views(assets)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_crop_anchor_adds_the_student_on_the_teacher_view(assets, tmp_path) -> None:
+    """The anchor runs the same responses under the teacher's view in the student's forward: the main
+    divergence is unchanged, and the anchor is zero when the student is the teacher."""
+    model_dir, data = assets
+    model, processor = load_vlm(model_dir, dtype=torch.float32, device="cpu")
+    s = read_samples(data)[0]
+    view = dict(max_pixels=112 * 112, crop_margin=0.25, zoom=2.0)
+    full = encode_prompt(processor, view_conversation(s, "full", "mcq", **view))
+    crop = encode_prompt(processor, view_conversation(s, "teacher", "mcq", **view))
+    responses = [[40, 41, 42, 43], [50, 51]]
+    sb = build_batch([full, full], responses, pad_id(processor))
+    both = build_batch([full, full, crop, crop], responses * 2, pad_id(processor))
+    tb = build_batch([crop, crop], responses, pad_id(processor))
+    plain = distill_tokens(model, model, sb, tb, topk=16, alpha=0.5)
+    anchored = distill_tokens(model, model, both, tb, topk=16, alpha=0.5, anchor=True)
+    assert plain.anchor_jsd is None and anchored.anchor_jsd.shape == (6,)
+    torch.testing.assert_close(anchored.jsd, plain.jsd, atol=1e-6, rtol=1e-5)  # padding to the wider rows only
+    assert torch.equal(anchored.agree, plain.agree)
+    assert anchored.anchor_jsd.abs().max() < 1e-6 < plain.jsd.min()
+
+    final = train_opd(_cfg(assets, tmp_path / "anchor", max_steps=2, teacher="frozen", crop_anchor=1.0))
+    m = _metrics(tmp_path / "anchor")
+    assert m[0]["anchor_jsd"] < 1e-6 < m[0]["jsd"]  # step 1: the student still is the frozen teacher
+    assert m[1]["anchor_jsd"] > m[0]["anchor_jsd"]  # after one update it is not
+    assert (final / "teacher").is_dir()
+    with pytest.raises(ValueError, match="crop_anchor needs teacher"):
+        _cfg(assets, tmp_path / "x", crop_anchor=1.0, teacher="student")
+
+
 def test_ema_teacher_after_one_step_and_frozen_teacher(assets, tmp_path) -> None:
     base = _params(assets[0])
     final = train_opd(_cfg(assets, tmp_path / "ema", max_steps=1))

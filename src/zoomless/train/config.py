@@ -107,6 +107,17 @@ class OPDConfig(TrainConfig):
     is_clip: float | None = Field(None, gt=0)  # truncated IS weights; only matter with updates_per_batch > 1
     updates_per_batch: int = Field(1, ge=1)  # optimizer steps per rollout batch; reference 1
     rollout_batch_size: int = Field(8, ge=1)  # sequences per generate batch
+    # weight of a second JSD: the student on the teacher's view against the teacher, on the same
+    # responses. It keeps the zoomed-in skill, which lets the full view learn at a higher lr
+    # (ZoomWorld: docs/RESULTS.md). Needs a separate teacher ("ema" or "frozen").
+    crop_anchor: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _anchor_needs_a_teacher(self) -> "OPDConfig":
+        if self.crop_anchor > 0 and self.teacher == "student":
+            raise ValueError("crop_anchor needs teacher 'ema' or 'frozen': against the live student it "
+                             "would pull the student towards itself")
+        return self
 
 
 class JudgeConfig(BaseModel):

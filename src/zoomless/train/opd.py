@@ -6,7 +6,9 @@ One step:
   3. the teacher (EMA copy, frozen base, or the live student) teacher-forces the same responses under
      the teacher view (the crop) and keeps only its log-probs at those ids;
   4. loss = global token mean of the top-k + tail generalized JSD (alpha 0.5: JSD), backpropagated
-     micro-batch by micro-batch with the step's total token count as the denominator;
+     micro-batch by micro-batch with the step's total token count as the denominator; with
+     `crop_anchor` > 0, plus that weight times the same JSD of the student on the teacher's view
+     (the same responses), which keeps the zoomed-in skill while the full view learns;
   5. one AdamW step, then the EMA teacher moves 5% towards the student (in fp32).
 No reward, no labels: ground-truth answers are never read.
 """
@@ -14,7 +16,7 @@ No reward, no labels: ground-truth answers are never read.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +72,7 @@ class TokenDistillation:
     jsd: torch.Tensor  # [N] per-token divergence, differentiable w.r.t. the student
     logp: torch.Tensor  # [N] student log-prob of each response token (for IS weights)
     agree: torch.Tensor  # [N] bool: student and teacher have the same top-1 token
+    anchor_jsd: torch.Tensor | None = None  # [N] the student on the teacher's view against the teacher
 
 
 def distill_tokens(
@@ -84,11 +87,17 @@ def distill_tokens(
     chunk_size: int = 512,
     autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     timer: Timer | None = None,
+    anchor: bool = False,
 ) -> TokenDistillation:
     """Per-token top-k + tail JSD of one micro-batch: the student's forward (with grad) picks the
-    top-k ids, the teacher's forward (no grad) keeps only its log-probs at those ids."""
+    top-k ids, the teacher's forward (no grad) keeps only its log-probs at those ids.
+
+    `anchor`: `student_batch` holds the student-view rows followed by the same responses under the
+    teacher's view (one forward, so DDP and FSDP see one); the second half's JSD against the
+    teacher, at the student's own top-k ids there, comes back as `anchor_jsd`."""
     timer = timer or Timer()
     head, t_head, T = lm_head(student), lm_head(teacher), temperature
+    n = teacher_batch.num_tokens
     with timer("student"), autocast_ctx():
         hs = response_hidden(student, student_batch)
         with torch.no_grad():
@@ -96,8 +105,11 @@ def distill_tokens(
     with timer("teacher"), torch.no_grad(), autocast_ctx():
         ht = response_hidden(teacher, teacher_batch)
         t_logp, t_top1 = chunked_map(
-            ht, t_head, lambda z, i: (gather_logprobs(z, i, T), z.argmax(-1)), ids, chunk_size=chunk_size
+            ht, t_head, lambda z, i: (gather_logprobs(z, i, T), z.argmax(-1)), ids[:n], chunk_size=chunk_size
         )
+        if anchor:  # the teacher's log-probs at the ids the student picks on the teacher's view
+            t_logp = torch.cat([t_logp, chunked_map(ht, t_head, lambda z, i: gather_logprobs(z, i, T), ids[n:],
+                                                    chunk_size=chunk_size)])
         del ht
     with timer("student"), autocast_ctx():
         jsd, logp = chunked_map(
@@ -105,7 +117,7 @@ def distill_tokens(
             lambda z, i, t, y: (topk_generalized_jsd(z, i, t, alpha, T), gather_logprobs(z, y, T)),
             ids, t_logp, student_batch.targets, chunk_size=chunk_size,
         )
-    return TokenDistillation(jsd, logp, ids[:, 0] == t_top1)
+    return TokenDistillation(jsd[:n], logp[:n], ids[:n, 0] == t_top1, jsd[n:] if anchor else None)
 
 
 def distill_micro_batch(
@@ -121,16 +133,24 @@ def distill_micro_batch(
 ) -> dict[str, float]:
     """Distill one micro-batch and backprop sum(weighted JSD) / denominator; return the sums to log.
     A padding micro-batch (`is_padding`) runs the same passes with weight 0."""
-    sb = rollout_batch(run, student_prompts, rollouts)
+    anchor = cfg.crop_anchor > 0
+    if anchor:  # the same responses again under the teacher's view, in the student's one forward
+        shift = len(student_prompts)
+        again = [replace(r, prompt_index=r.prompt_index + shift) for r in rollouts]
+        sb = rollout_batch(run, student_prompts + teacher_prompts, rollouts + again)
+    else:
+        sb = rollout_batch(run, student_prompts, rollouts)
     tb = rollout_batch(run, teacher_prompts, rollouts)
     out = distill_tokens(
         run.policy, teacher, sb, tb, topk=cfg.topk, alpha=cfg.alpha, temperature=cfg.temperature,
-        chunk_size=cfg.logits_chunk_size, autocast_ctx=run.autocast, timer=timer,
+        chunk_size=cfg.logits_chunk_size, autocast_ctx=run.autocast, timer=timer, anchor=anchor,
     )
     weights = None
     if old_logp is not None and cfg.is_clip is not None:
         weights = truncated_is_weights(out.logp, old_logp, cfg.is_clip)
     per_token = out.jsd if weights is None else out.jsd * weights
+    if anchor:
+        per_token = per_token + cfg.crop_anchor * out.anchor_jsd
     loss = per_token.sum() / denominator
     if is_padding(rollouts):
         loss = loss * 0.0
@@ -138,8 +158,9 @@ def distill_micro_batch(
         run.backward(loss)
     sums = {
         "jsd_sum": float(out.jsd.detach().sum()),
+        "anchor_jsd_sum": float(out.anchor_jsd.detach().sum()) if anchor else 0.0,
         "agree_sum": float(out.agree.sum()),
-        "is_weight_sum": float(weights.sum()) if weights is not None else float(sb.num_tokens),
+        "is_weight_sum": float(weights.sum()) if weights is not None else float(tb.num_tokens),
     }
     return {k: 0.0 for k in sums} if is_padding(rollouts) else sums
 
@@ -217,7 +238,7 @@ def opd_step(
 
     sums, norms, skipped = {}, [], 0
     for update in range(cfg.updates_per_batch):
-        totals = {"jsd_sum": 0.0, "agree_sum": 0.0, "is_weight_sum": 0.0}
+        totals = {"jsd_sum": 0.0, "anchor_jsd_sum": 0.0, "agree_sum": 0.0, "is_weight_sum": 0.0}
         for j, mb in enumerate(micro):
             weights_from = old[j] if old is not None and update > 0 else None  # update 0 is on-policy: r = 1
             with run.dist.grad_sync(run.policy, sync=j == len(micro) - 1):
@@ -239,6 +260,8 @@ def opd_step(
     # the divergence and agreement as sampled (first update); IS weights where they act (last update)
     metrics["jsd"] = sums["0/jsd_sum"] / total
     metrics["agreement"] = sums["0/agree_sum"] / total
+    if cfg.crop_anchor > 0:
+        metrics["anchor_jsd"] = sums["0/anchor_jsd_sum"] / total
     if old is not None:
         metrics["is_weight"] = sums[f"{last}/is_weight_sum"] / total
     metrics.update(response_stats(rb.rollouts, run.dist))
