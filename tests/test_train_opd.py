@@ -44,13 +44,19 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def test_distillation_is_zero_on_the_same_view_and_positive_across_views(assets) -> None:
+def _model_and_views(assets):
+    """The tiny model, its processor, and one sample's full-view and teacher-view prompts."""
     model_dir, data = assets
     model, processor = load_vlm(model_dir, dtype=torch.float32, device="cpu")
     s = read_samples(data)[0]
     view = dict(max_pixels=112 * 112, crop_margin=0.25, zoom=2.0)
     full = encode_prompt(processor, view_conversation(s, "full", "mcq", **view))
     crop = encode_prompt(processor, view_conversation(s, "teacher", "mcq", **view))
+    return model, processor, full, crop
+
+
+def test_distillation_is_zero_on_the_same_view_and_positive_across_views(assets) -> None:
+    model, processor, full, crop = _model_and_views(assets)
     responses = [[40, 41, 42, 43], [50, 51]]
     sb = build_batch([full, full], responses, pad_id(processor))
     tb = build_batch([crop, crop], responses, pad_id(processor))
@@ -66,12 +72,7 @@ def test_distillation_is_zero_on_the_same_view_and_positive_across_views(assets)
 def test_crop_anchor_adds_the_student_on_the_teacher_view(assets, tmp_path) -> None:
     """The anchor runs the same responses under the teacher's view in the student's forward: the main
     divergence is unchanged, and the anchor is zero when the student is the teacher."""
-    model_dir, data = assets
-    model, processor = load_vlm(model_dir, dtype=torch.float32, device="cpu")
-    s = read_samples(data)[0]
-    view = dict(max_pixels=112 * 112, crop_margin=0.25, zoom=2.0)
-    full = encode_prompt(processor, view_conversation(s, "full", "mcq", **view))
-    crop = encode_prompt(processor, view_conversation(s, "teacher", "mcq", **view))
+    model, processor, full, crop = _model_and_views(assets)
     responses = [[40, 41, 42, 43], [50, 51]]
     sb = build_batch([full, full], responses, pad_id(processor))
     both = build_batch([full, full, crop, crop], responses * 2, pad_id(processor))
