@@ -9,7 +9,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -93,21 +93,10 @@ def plan_sample(
     return scene, _to_sample(scene, split, index, seed, s_seed)
 
 
-def generate_sample(
-    index: int,
-    *,
-    split: str = "test",
-    seed: int = 0,
-    size: int = 1024,
-    dimensions: Sequence[str] = DIMENSIONS,
-    max_area_fraction: float = 0.03,
-    min_area_fraction: float = 0.005,
-) -> tuple[Image.Image, Sample]:
-    """One sample: its RGB image and its record (image = "images/<id>.png", relative to the split folder)."""
-    scene, sample = plan_sample(
-        index, split=split, seed=seed, size=size, dimensions=dimensions,
-        max_area_fraction=max_area_fraction, min_area_fraction=min_area_fraction,
-    )
+def generate_sample(index: int, **options: Any) -> tuple[Image.Image, Sample]:
+    """One sample: its RGB image and its record (image = "images/<id>.png", relative to the split
+    folder). `options` are `plan_sample`'s (split, seed, size, panels, ocr, ...)."""
+    scene, sample = plan_sample(index, **options)
     return render_scene(scene), sample
 
 
