@@ -3,8 +3,8 @@
 The ZoomWorld trainer is launch-bound (11 ms of GPU work per 250 ms step on an H100, see
 docs/ZOOMWORLD.md), so one process leaves the GPU mostly idle: jobs run side by side cost little
 more device time than one. A jobs file holds one job per line, `name: <zoomworld_fast.py arguments>`
-(`#` starts a comment); each job gets `--out $OUT/<name>` and comes back as $OUT/<name>.tar.gz
-(a device call returns at most 8 files):
+(`#` starts a comment); each job gets `--out $OUT/<name>`, packed as <name>.tar.gz, and all of
+them come back in one $OUT/jobs.tar with gpu_use.csv (a device call returns at most 8 files):
 
     OUT=$OUT BUDGET=560 bash benchmarks/gpu_run.sh benchmarks/gpu_jobs.py benchmarks/jobs/ceiling.txt
 
@@ -88,7 +88,18 @@ def main(argv=None) -> int:
         with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
             tar.add(folder, arcname=name)
         subprocess.run(["rm", "-rf", str(folder)], check=False)
+    bundle(out, [out / f"{name}.tar.gz" for name in procs] + [out / "gpu_use.csv"])
     return 0
+
+
+def bundle(out: Path, parts: list[Path]) -> Path:
+    """The parts that exist, moved into one uncompressed out/jobs.tar (already compressed inside)."""
+    with tarfile.open(out / "jobs.tar", "w") as tar:
+        for part in parts:
+            if part.exists():
+                tar.add(part, arcname=part.name)
+                part.unlink()
+    return out / "jobs.tar"
 
 
 if __name__ == "__main__":

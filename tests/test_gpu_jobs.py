@@ -37,3 +37,17 @@ def test_bad_jobs_files_fail_clearly(tmp_path):
     bad.write_text("a: models\na: opd\n")
     with pytest.raises(SystemExit, match="unique"):
         gpu_jobs.read_jobs(bad)
+
+
+def test_job_archives_come_back_as_one_file(tmp_path):
+    """A device call returns at most 8 files: every job's archive travels inside jobs.tar."""
+    import tarfile
+
+    parts = [tmp_path / f"job{i}.tar.gz" for i in range(9)] + [tmp_path / "gpu_use.csv"]
+    for i, part in enumerate(parts[:-1]):
+        part.write_bytes(bytes([i]) * 10)
+    path = gpu_jobs.bundle(tmp_path, parts)  # gpu_use.csv missing: skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.tar"]
+    with tarfile.open(path) as tar:
+        assert sorted(tar.getnames()) == sorted(p.name for p in parts[:-1])
+        assert tar.extractfile("job3.tar.gz").read() == bytes([3]) * 10
