@@ -104,12 +104,13 @@ def distill_tokens(
             ids = chunked_map(hs.detach(), head, lambda z: topk_ids(z, topk), chunk_size=chunk_size)
     with timer("teacher"), torch.no_grad(), autocast_ctx():
         ht = response_hidden(teacher, teacher_batch)
+        # with the anchor, also at the ids the student picks on the teacher's view: one head pass
+        wanted = torch.cat([ids[:n], ids[n:]], dim=1) if anchor else ids
         t_logp, t_top1 = chunked_map(
-            ht, t_head, lambda z, i: (gather_logprobs(z, i, T), z.argmax(-1)), ids[:n], chunk_size=chunk_size
+            ht, t_head, lambda z, i: (gather_logprobs(z, i, T), z.argmax(-1)), wanted, chunk_size=chunk_size
         )
-        if anchor:  # the teacher's log-probs at the ids the student picks on the teacher's view
-            t_logp = torch.cat([t_logp, chunked_map(ht, t_head, lambda z, i: gather_logprobs(z, i, T), ids[n:],
-                                                    chunk_size=chunk_size)])
+        if anchor:  # back to one row per token of the student batch: its first half, then its second
+            t_logp = torch.cat(t_logp.split(ids.shape[1], dim=1))
         del ht
     with timer("student"), autocast_ctx():
         jsd, logp = chunked_map(
