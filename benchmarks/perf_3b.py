@@ -52,6 +52,9 @@ GEN_VARIANTS = {  # HFEngine options
     "static": {"cache_implementation": "static", "compile": False},
     "static+compile": {"cache_implementation": "static"},  # transformers compiles the decode step on CUDA
 }
+TRAIN_VARIANTS = ("hf-plain", "opd", "grpo", "opd-compiled", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
+                  "opd-bf16-nogc-frozen-vision", "opd-bf16-aligned", "opd-bf16-aligned-fused",
+                  "opd-bf16-aligned-fused-compiled")  # perf_3b_train.py runs them in this order
 # Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) from the vendor's data sheets, first match wins.
 SPECS = (("H200", 989.4, 4.8), ("H100 PCIe", 756.0, 2.0), ("H100 NVL", 835.0, 3.9), ("H100", 989.4, 3.35),
          ("A100", 312.0, 2.0))
@@ -437,6 +440,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nogc-micro", type=int, default=2, help="without checkpointing, first try (halved on OOM)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--variants", default="", help="training variants to run, comma-separated (default: all of "
+                   f"{', '.join(TRAIN_VARIANTS)})")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="no torch.profiler runs")
     p.add_argument("--gen-batches", default="8,16,32,64")
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per generate call")
@@ -459,9 +464,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.parts = [x for x in a.parts.split(",") if x]
     a.gen_batches = [int(x) for x in str(a.gen_batches).split(",")]
     a.gen_variants = [x for x in a.gen_variants.split(",") if x]
-    bad = [x for x in a.parts if x not in PARTS] + [x for x in a.gen_variants if x not in GEN_VARIANTS]
+    a.variants = [x for x in a.variants.split(",") if x]
+    bad = ([x for x in a.parts if x not in PARTS] + [x for x in a.gen_variants if x not in GEN_VARIANTS]
+           + [x for x in a.variants if x not in TRAIN_VARIANTS])
     if bad:
-        p.error(f"unknown part or generation variant {bad[0]!r}")
+        p.error(f"unknown part or variant {bad[0]!r}")
     return a
 
 

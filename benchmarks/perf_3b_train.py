@@ -10,6 +10,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
     opd           a Vision-OPD step (`opd_step`); the teacher is the live student (the same
                   forward on the crop, without the 15 GB fp32 EMA copy, so that it fits 80 GB)
     grpo          a GRPO step (`grpo_step`)
+    opd-compiled  as opd with each block's attention, MLP and norms compiled (`zoomless.models.compiled`;
+                  its warm-up step compiles); the model is eager again afterwards
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -25,7 +27,8 @@ Without checkpointing ("nogc") a micro-batch of `--nogc-micro` sequences is trie
 on out-of-memory. Every step's rollouts come from the fixed engine (distributed_common.FixedEngine):
 `--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
 samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
-step of `opd`, `opd-bf16-aligned-fused` and `opd-bf16-aligned-fused-compiled` run under torch.profiler.
+step of `opd`, `opd-compiled`, `opd-bf16-aligned-fused` and `opd-bf16-aligned-fused-compiled` run under
+torch.profiler. `--variants` runs a subset (the model changes between them still happen, in order).
 """
 
 from __future__ import annotations
@@ -316,6 +319,7 @@ def flop_check(run: Any, seqs: dict[str, Any]) -> dict[str, Any]:
 
 def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: float | None, save: Callable) -> None:
     """Every variant in turn; `save(results)` after each one, so a stopped run keeps what it measured."""
+    from zoomless.models.compiled import compile_blocks
     from zoomless.models.loading import vision_token_ids
     from zoomless.train.common import start_run
     from zoomless.train.config import OPDConfig
@@ -357,9 +361,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         results["flop_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     timing = dict(warmup=a.warmup, steps=a.steps, cuda=cuda)
 
+    def wanted(name: str) -> bool:
+        return not a.variants or name in a.variants
+
     def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: bool, micro: int, vision: bool = True,
             shared: bool = True) -> None:
         """`shared`: the step encodes each distinct image once per micro-batch (every zoomless step)."""
+        if not wanted(name):
+            return
         print(f"[train] {name} ...", flush=True)
         m = guarded(run, lambda: measure(step, **timing))
         r = variant_result(name, m, run.model.config, seqs, teacher=teacher, vision_trained=vision, checkpointing=gc_on,
@@ -374,7 +383,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     def nogc(name: str, make: Callable[[int], StepFn], what: str, **kw: Any) -> None:
         """A variant without checkpointing: micro-batch `--nogc-micro`, halved on out-of-memory."""
         micro = a.nogc_micro
-        while True:
+        while wanted(name):
             add(name, make(micro), what, gc_on=False, micro=micro, **kw)
             if "error" not in results["variants"][-1] or micro == 1:
                 return
@@ -382,6 +391,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
             micro //= 2
 
     def profile(name: str, step: StepFn) -> None:
+        if not (a.profile and wanted(name)):
+            return
         print(f"[train] profiling one {name} step ...", flush=True)
         ranges = {"vision_tower": run.model.model.visual, "language_model": run.model.model.language_model}
         p = guarded(run, lambda: pm.profile_call(lambda: step(Timer()), ranges))
@@ -401,8 +412,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     add("opd", opd, "Vision-OPD step, fp32 weights, teacher = live student", teacher=True, gc_on=True, micro=a.micro)
     add("grpo", grpo_step_fn(grpo_config(cfg), run, engine, banned, counter), "GRPO step, fp32 weights",
         teacher=False, gc_on=True, micro=a.micro)
-    if a.profile:
-        profile("opd", opd)
+    profile("opd", opd)
+    if wanted("opd-compiled"):  # the recipe's fp32 weights, block parts compiled; then eager again
+        compiled = compile_blocks(run.model)
+        add("opd-compiled", opd, f"as opd, {len(compiled)} block parts compiled (zoomless.models.compiled)",
+            teacher=True, gc_on=True, micro=a.micro)
+        profile("opd-compiled", opd)
+        for module in compiled:
+            module._compiled_call_impl = None  # nn.Module.compile's switch
 
     # bf16 weights, gradients and optimizer states
     to_bf16_weights(run)
@@ -433,16 +450,13 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     use_fused_adamw(run)
     add("opd-bf16-aligned-fused", opd_bf16(a.micro), "as opd-bf16-aligned, fused AdamW", teacher=True, gc_on=True,
         micro=a.micro)
-    if a.profile:
-        profile("opd-bf16-aligned-fused", opd_bf16(a.micro))
+    profile("opd-bf16-aligned-fused", opd_bf16(a.micro))
 
     # the block parts compiled (fused norms, SwiGLU, rotary, casts); the first (warm-up) step compiles
-    from zoomless.models.compiled import compile_blocks
-
-    n = compile_blocks(run.model)
-    compile_blocks(teacher)
-    add("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro),
-        f"as opd-bf16-aligned-fused, {n} block parts compiled (zoomless.models.compiled)", teacher=True, gc_on=True,
-        micro=a.micro)
-    if a.profile:
+    if wanted("opd-bf16-aligned-fused-compiled"):
+        n = len(compile_blocks(run.model))
+        compile_blocks(teacher)
+        add("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro),
+            f"as opd-bf16-aligned-fused, {n} block parts compiled (zoomless.models.compiled)", teacher=True,
+            gc_on=True, micro=a.micro)
         profile("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro))

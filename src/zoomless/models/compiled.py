@@ -19,16 +19,12 @@ from torch import nn
 from zoomless.models.fast_vision import PATCHED
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module) -> list[nn.Module]:
     """Compile every child of each repeated block (`model._no_split_modules`: the decoder layers
-    and the vision blocks of HF's VLMs) in place. Returns how many modules were compiled."""
+    and the vision blocks of HF's VLMs) in place. Returns the modules compiled."""
     blocks = set(getattr(model, "_no_split_modules", None) or ())
-    n = 0
-    for module in model.modules():
-        if type(module).__name__ not in blocks:
-            continue
-        for part in module.children():
-            if not getattr(part, PATCHED, False):
-                part.compile(dynamic=True)
-                n += 1
-    return n
+    parts = [part for module in model.modules() if type(module).__name__ in blocks
+             for part in module.children() if not getattr(part, PATCHED, False)]
+    for part in parts:
+        part.compile(dynamic=True)
+    return parts
