@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 9's pending measurement in one device call (under 10 minutes): compiled block parts
+# (zoomless.models.compiled) against the eager steps, on one GPU, at the Qwen2.5-VL-3B shape.
+#   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_run.sh says how to make it)
+# A: 1 prompt x 8 rollouts (the shape of the earlier tables), the stock baseline, the eager steps and
+#    their compiled twins, with profiles. B: 4 prompts x 8 rollouts in micro-batches of 16, eager vs
+#    compiled: do larger kernels (fewer launches per token) lift MFU? Each run stops at its time
+#    budget and keeps what it measured; everything comes back as $OUT/perf.tar (a call returns at
+#    most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder that receives the results}"
+if ! python3 -c "import pydantic" 2>/dev/null && [ -d build/wheels-gpu ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site build/wheels-gpu/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TOTAL=${TOTAL:-560}  # seconds for both runs
+EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 6 / 10)) $EXTRA \
+  --variants hf-plain,opd,opd-compiled,opd-bf16,opd-bf16-aligned-fused,opd-bf16-aligned-fused-compiled \
+  2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn"
+left=$((TOTAL - SECONDS))
+if [ "$left" -gt 60 ]; then
+  python3 benchmarks/perf_3b.py --out "$OUT/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
+    --micro 16 --variants opd-bf16,opd-bf16-aligned-fused-compiled --no-profile --time-budget "$left" $EXTRA \
+    2>&1 | grep -v -E "UserWarning|warnings.warn" | tail -20
+fi
+tar cf "$OUT/perf.tar" -C "$OUT" $(cd "$OUT" && ls -d perf1 perf4 2>/dev/null) && rm -rf "$OUT/perf1" "$OUT/perf4"
