@@ -1,19 +1,12 @@
 #!/usr/bin/env bash
 # Run one benchmark script on the GPU machine, its console kept in $OUT/console.log:
 #   OUT=$OUT BUDGET=560 bash benchmarks/gpu_run.sh benchmarks/zoomworld_fast.py models --out $OUT
-# The GPU image lacks pydantic: the wheels in build/wheels-gpu (carry that folder) are installed
-# first. Make them with:
-#   .venv/bin/pip download --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d build/wheels-gpu pydantic
+# Carry build/wheels-gpu (gpu_env.sh says how to make it).
 # The script runs under `timeout $BUDGET` (seconds) so that what it wrote still comes back.
 set -uo pipefail  # not -e: whatever happens, the console comes back
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
-if ! python3 -c "import pydantic" 2>/dev/null && [ -d build/wheels-gpu ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site build/wheels-gpu/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh
 {
   date -u; nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, pydantic; print('torch', torch.__version__, 'transformers', transformers.__version__)"

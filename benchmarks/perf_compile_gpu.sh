@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's pending measurement in one device call (under 10 minutes): compiled block parts
 # (zoomless.models.compiled) against the eager steps, on one GPU, at the Qwen2.5-VL-3B shape.
-#   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_run.sh says how to make it)
+#   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_env.sh says how to make it)
 # A: 1 prompt x 8 rollouts (the shape of the earlier tables), the stock baseline, the eager steps and
 #    their compiled twins, with profiles. B: 4 prompts x 8 rollouts in micro-batches of 16, eager vs
 #    compiled: do larger kernels (fewer launches per token) lift MFU? Each run stops at its time
@@ -10,11 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
-if ! python3 -c "import pydantic" 2>/dev/null && [ -d build/wheels-gpu ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site build/wheels-gpu/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
