@@ -12,6 +12,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
     grpo          a GRPO step (`grpo_step`)
     opd-compiled  as opd with each block's attention, MLP and norms compiled (`zoomless.models.compiled`;
                   its warm-up step compiles); the model is eager again afterwards
+  bf16 compute weights with fp32 master weights in the optimizer (`bf16_weights: true`, train/master.py):
+    opd-master, opd-master-compiled   as opd and opd-compiled (teacher = live student)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -27,7 +29,7 @@ Without checkpointing ("nogc") a micro-batch of `--nogc-micro` sequences is trie
 on out-of-memory. Every step's rollouts come from the fixed engine (distributed_common.FixedEngine):
 `--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
 samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
-step of `opd`, `opd-compiled`, `opd-bf16-aligned-fused` and `opd-bf16-aligned-fused-compiled` run under
+step of `opd`, `opd-master`, `opd-bf16-aligned-fused` and each compiled variant runs under
 torch.profiler. `--variants` runs a subset (the model changes between them still happen, in order).
 """
 
@@ -131,6 +133,28 @@ def use_fused_adamw(run: Any) -> None:
     opt.state.clear()
     for group in opt.param_groups:
         group.update(fused=True, foreach=False)
+
+
+def use_master_weights(run: Any, cfg: Any) -> Any:
+    """Switch the run to bf16 weights with fp32 masters, as `bf16_weights: true` starts it; returns
+    the fp32 optimizer to restore with `drop_master_weights`."""
+    from zoomless.train.common import build_optimizer
+    from zoomless.train.master import MasterWeights
+
+    free_memory(run)
+    inner_optimizer(run).state.clear()
+    old = run.optimizer
+    run.master = MasterWeights(run.model)
+    run.optimizer = build_optimizer(run.master.masters, cfg.lr, cfg.weight_decay)
+    run.dtype = torch.bfloat16  # as start_run sets it for bf16_weights (on the CPU too)
+    return old
+
+
+def drop_master_weights(run: Any, optimizer: Any) -> None:
+    """Back to the run's own optimizer over the (now bf16) model parameters, without masters."""
+    run.master.remove()
+    run.master, run.optimizer = None, optimizer
+    free_memory(run)
 
 
 @torch.no_grad()
@@ -405,6 +429,18 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     from zoomless.train.common import Timer
 
+    def compiled_variant(name: str, step: StepFn, like: str) -> None:
+        """`step` with the block parts compiled (its warm-up step compiles); the model is eager again after."""
+        if not wanted(name):
+            return
+        compiled = compile_blocks(run.model)
+        add(name, step, f"{like}, {len(compiled)} block parts compiled (zoomless.models.compiled)", teacher=True,
+            gc_on=True, micro=a.micro)
+        profile(name, step)
+        for module in compiled:
+            module._compiled_call_impl = None  # nn.Module.compile's switch
+        torch._dynamo.reset()  # the next compiled variant starts from an empty cache
+
     # fp32 weights + bf16 autocast, checkpointing on: the project's defaults
     add("hf-plain", hf_plain_step(run, seqs, a.micro), "stock transformers fwd+bwd (labels loss), no optimizer step",
         teacher=False, gc_on=True, micro=a.micro, shared=False)  # HF encodes every sequence's image
@@ -413,13 +449,16 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     add("grpo", grpo_step_fn(grpo_config(cfg), run, engine, banned, counter), "GRPO step, fp32 weights",
         teacher=False, gc_on=True, micro=a.micro)
     profile("opd", opd)
-    if wanted("opd-compiled"):  # the recipe's fp32 weights, block parts compiled; then eager again
-        compiled = compile_blocks(run.model)
-        add("opd-compiled", opd, f"as opd, {len(compiled)} block parts compiled (zoomless.models.compiled)",
+    compiled_variant("opd-compiled", opd, "as opd")  # the recipe's fp32 weights
+
+    # bf16 compute weights, fp32 master weights in the optimizer (`bf16_weights: true`)
+    if wanted("opd-master") or wanted("opd-master-compiled"):
+        fp32_optimizer = use_master_weights(run, cfg)
+        add("opd-master", opd, "Vision-OPD step, bf16 weights + fp32 masters (bf16_weights), teacher = live student",
             teacher=True, gc_on=True, micro=a.micro)
-        profile("opd-compiled", opd)
-        for module in compiled:
-            module._compiled_call_impl = None  # nn.Module.compile's switch
+        profile("opd-master", opd)
+        compiled_variant("opd-master-compiled", opd, "as opd-master")
+        drop_master_weights(run, fp32_optimizer)
 
     # bf16 weights, gradients and optimizer states
     to_bf16_weights(run)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's pending measurement in one device call (under 10 minutes): compiled block parts
-# (zoomless.models.compiled) against the eager steps, on one GPU, at the Qwen2.5-VL-3B shape.
+# (zoomless.models.compiled) and bf16 weights with fp32 masters (train/master.py) against the eager
+# steps, on one GPU, at the Qwen2.5-VL-3B shape.
 #   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_env.sh says how to make it)
-# A: 1 prompt x 8 rollouts (the shape of the earlier tables), the stock baseline, the eager steps and
-#    their compiled twins, with profiles. B: 4 prompts x 8 rollouts in micro-batches of 16, eager vs
+# A: 1 prompt x 8 rollouts (the shape of the earlier tables), the stock baseline, the recipe's fp32
+#    step, the same with bf16 weights + fp32 masters (eager and compiled), the bf16 steps (eager and
+#    compiled), with profiles. B: 4 prompts x 8 rollouts in micro-batches of 16, eager vs
 #    compiled: do larger kernels (fewer launches per token) lift MFU? Each run stops at its time
 #    budget and keeps what it measured; everything comes back as $OUT/perf.tar (a call returns at
 #    most 8 files).
@@ -14,8 +16,8 @@ source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 6 / 10)) $EXTRA \
-  --variants hf-plain,opd,opd-compiled,opd-bf16,opd-bf16-aligned-fused,opd-bf16-aligned-fused-compiled \
+python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 3 / 4)) $EXTRA \
+  --variants hf-plain,opd,opd-master,opd-master-compiled,opd-bf16,opd-bf16-aligned-fused,opd-bf16-aligned-fused-compiled \
   2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn"
 left=$((TOTAL - SECONDS))
 if [ "$left" -gt 60 ]; then

@@ -161,7 +161,7 @@ def module_grad_norms(model) -> dict[str, float]:
 def train(model, processor, train_items, test_items, *, lr: float, steps: int, batch: int, warmup: int,
           form: str, eval_every: int, seed: int = 0, log=print) -> dict:
     rng = random.Random(seed)
-    opt = build_optimizer(model, lr, 0.01)
+    opt = build_optimizer(model.parameters(), lr, 0.01)
     sched = warmup_constant_schedule(opt, warmup)
     model.train()
     curve, evals, t0 = [], [], time.perf_counter()

@@ -119,7 +119,7 @@ def test_data_iterator_epochs_and_state() -> None:
 
 def test_warmup_then_constant_and_no_decay_on_norms() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
-    opt = build_optimizer(model, lr=1.0, weight_decay=0.01)
+    opt = build_optimizer(model.parameters(), lr=1.0, weight_decay=0.01)
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     sched = warmup_constant_schedule(opt, warmup_steps=4)

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from zoomless.train.distributed import (
     save_sharded_optimizer,
 )
 from zoomless.train.losses import chunked_logprobs
+from zoomless.train.master import MasterWeights
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -81,10 +82,11 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- optimizer
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (betas 0.9/0.999); weight decay on matrices only, not on norms and biases."""
+def build_optimizer(params: Iterable[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.999) over `params` (e.g. `model.parameters()`); weight decay on matrices
+    only, not on norms and biases."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -108,13 +110,15 @@ def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
 
     if run.dist.fsdp:
         reshard(run.policy)  # the optimizer updates the fp32 shards: no gathered copy may outlive them
-    params = [p for p in run.policy.parameters() if p.requires_grad]
+    params = run.master.masters if run.master else [p for p in run.policy.parameters() if p.requires_grad]
     norm = run.dist.accelerator.clip_grad_norm_(params, grad_clip)
     norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     applied = math.isfinite(norm)
     if applied:
         run.optimizer.step()
         run.scheduler.step()
+        if run.master:
+            run.master.copy_to_model()
     run.optimizer.zero_grad(set_to_none=True)
     return norm, applied
 
@@ -244,7 +248,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    export_pretrained(dist, run.policy if dist.fsdp else run.model, tmp)
+    export_pretrained(dist, run.policy if dist.fsdp else run.model, tmp, run.fp32_state_dict())
     for name, extra in (extra_models or {}).items():  # each a standard model dir of its own
         export_pretrained(dist, extra, tmp / name)
         if dist.is_main:
@@ -578,9 +582,21 @@ class Run:
     extra_state: dict[str, Any]
     policy: nn.Module  # what training forwards go through: a ResponseModel around `model` (in DDP, or sharded)
     dist: Dist  # this process among the training processes (one, without a launcher)
+    master: MasterWeights | None = None  # bf16_weights: the fp32 weights the optimizer updates
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
+
+    def fp32_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's weights at full precision when `model` holds bf16 copies; None otherwise (then
+        the model's own state dict is that)."""
+        return self.master.fp32_state_dict(self.model) if self.master else None
+
+    def fp32_parameters(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by name, at full precision (what an EMA teacher averages)."""
+        state = self.fp32_state_dict()
+        named = dict(self.model.named_parameters())
+        return {n: state[n] for n in named} if state else named
 
     def backward(self, loss: torch.Tensor) -> None:
         self.dist.accelerator.backward(loss)
@@ -595,7 +611,10 @@ def start_run(cfg: Any) -> Run:
 
     dist = Dist(make_accelerator(cfg.device, cfg.dtype))
     device = dist.accelerator.device
-    dtype = compute_dtype(cfg.dtype, device)
+    dtype = torch.bfloat16 if cfg.bf16_weights else compute_dtype(cfg.dtype, device)
+    if cfg.bf16_weights and dist.world > 1:
+        raise ValueError("bf16_weights is for one process: under FSDP the sharded weights already stay fp32 and are "
+                         "gathered in bf16 for compute; with DDP leave it off")
     seed_everything(cfg.seed)
     samples, sources = read_training_samples(cfg.data)
     load_dir, ckpt = resolve_start(cfg.model_dir, cfg.out_dir, cfg.resume)
@@ -608,14 +627,15 @@ def start_run(cfg: Any) -> Run:
         compile_blocks(model)
     model.requires_grad_(True)
     model.train()
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    master = MasterWeights(model) if cfg.bf16_weights else None  # the model becomes bf16, the masters fp32
+    optimizer = build_optimizer(master.masters if master else model.parameters(), cfg.lr, cfg.weight_decay)
     # not handed to accelerate, which would step it once per process: the global batch, and so
     # the number of optimizer steps, are the single-process run's
     scheduler = warmup_constant_schedule(optimizer, cfg.warmup_steps)
     policy, optimizer = prepare_policy(dist, model, optimizer)
     data = make_data(cfg, samples, sources, resume=ckpt is not None, main=dist.is_main)  # the order, minus bad samples
     data.shard(dist.rank, dist.world)
-    run = Run(device, dtype, model, processor, optimizer, scheduler, data, samples, 0, ckpt, {}, policy, dist)
+    run = Run(device, dtype, model, processor, optimizer, scheduler, data, samples, 0, ckpt, {}, policy, dist, master)
     if ckpt is not None:
         state = load_trainer_state(run, ckpt)
         run.start_step, run.extra_state = int(state["step"]), state.get("extra", {})

@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 autocast on CUDA
     gradient_checkpointing: bool = False
     compile_blocks: bool = False  # torch.compile each block's attention, MLP and norms (models/compiled.py)
+    # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
+    # of a bf16 model at the memory of fp32 weights; bf16 compute even on CPU; one process only
+    bf16_weights: bool = False
     logits_chunk_size: int = Field(512, ge=1)  # response rows per LM-head chunk
     resume: bool = False  # continue from the last checkpoint in out_dir
     tensorboard: bool = True
@@ -54,6 +57,12 @@ class TrainConfig(BaseModel):
     # a sample that cannot be shown (no box for a view that needs one, an unreadable image): stop the
     # run with one line naming it, or skip it (listed in out_dir/bad_samples.jsonl, metric bad_samples)
     on_bad_sample: Literal["stop", "skip"] = "stop"
+
+    @model_validator(mode="after")
+    def _bf16_weights_compute_in_bf16(self) -> "TrainConfig":
+        if self.bf16_weights and self.dtype == "float32":
+            raise ValueError("bf16_weights computes in bf16: leave dtype at auto or bfloat16")
+        return self
 
     @field_validator("data", mode="before")
     @classmethod

@@ -290,10 +290,11 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[None]:
         reshard(policy)
 
 
-def export_pretrained(dist: Dist, module: nn.Module, path: Path) -> None:
+def export_pretrained(dist: Dist, module: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `module` (an HF model; under FSDP the sharded ResponseModel around one) as a standard HF
-    directory. Under FSDP every process must call this: the full state dict is gathered to the main
-    process (on CPU), which writes it."""
+    directory, with `state_dict` in place of its own when given (one process). Under FSDP every
+    process must call this: the full state dict is gathered to the main process (on CPU), which
+    writes it."""
     if dist.fsdp and fsdp_units(module):
         reshard(module)
         state = dist.accelerator.get_state_dict(module)
@@ -301,7 +302,7 @@ def export_pretrained(dist: Dist, module: nn.Module, path: Path) -> None:
             state = {k.removeprefix(WRAPPED_PREFIX): v for k, v in state.items()}
             unwrap(module).save_pretrained(path, state_dict=state)
     elif dist.is_main:
-        unwrap(module).save_pretrained(path)
+        unwrap(module).save_pretrained(path, state_dict=state_dict)
 
 
 def save_sharded_optimizer(policy: nn.Module, optimizer: Any, path: Path) -> None:

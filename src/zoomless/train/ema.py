@@ -8,7 +8,7 @@ autocast. Only parameters are averaged; buffers are copied as they are.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 from torch import nn
@@ -16,26 +16,33 @@ from torch import nn
 TeacherMode = Literal["ema", "frozen", "student"]
 
 
-def make_teacher(student: nn.Module, mode: TeacherMode, init: nn.Module | None = None) -> nn.Module:
+def make_teacher(
+    student: nn.Module, mode: TeacherMode, init: nn.Module | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """The teacher module for `mode`.
 
     "ema" and "frozen" get a separate fp32 copy (of `init` when given, e.g. a teacher restored from a
-    checkpoint, else of the student) with requires_grad off, in eval mode. "student" returns the
-    student itself: the caller runs it under no_grad.
+    checkpoint, else of the student, loaded with `weights` when given: the fp32 masters of a bf16
+    student) with requires_grad off, in eval mode. "student" returns the student itself: the caller
+    runs it under no_grad.
     """
     if mode == "student":
         return student
     if mode not in ("ema", "frozen"):
         raise ValueError(f"teacher must be 'ema', 'frozen' or 'student', got {mode!r}")
     teacher = copy.deepcopy(init if init is not None else student).float()
+    if init is None and weights is not None:
+        teacher.load_state_dict(weights)
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
+def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tensor], rate: float) -> None:
     """In place, parameter by parameter: teacher <- (1 - rate) * teacher + rate * student, in fp32.
+    `student` is a module or its parameters by name (`Run.fp32_parameters()`: a bf16 student's masters).
 
     Parameters are matched by name, so a different module order or wrapping fails loudly instead of
     silently averaging the wrong tensors.
@@ -43,7 +50,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
     if rate == 0.0:
         return
     t_params = dict(teacher.named_parameters())
-    s_params = dict(student.named_parameters())
+    s_params = dict(student.named_parameters() if isinstance(student, nn.Module) else student)
     if t_params.keys() != s_params.keys():
         missing = sorted(set(s_params) ^ set(t_params))[:3]
         raise ValueError(f"teacher and student parameters differ (e.g. {', '.join(missing)})")

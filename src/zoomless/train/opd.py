@@ -190,7 +190,10 @@ def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Mod
         init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=where)
     elif run.dist.fsdp:
         init, _ = load_vlm(cfg.model_dir, dtype=torch.float32, device=where)
-    teacher = shard_like_policy(run.dist, init) if run.dist.fsdp else make_teacher(run.model, cfg.teacher, init=init)
+    if run.dist.fsdp:
+        teacher = shard_like_policy(run.dist, init)
+    else:  # a bf16 student's copy starts from its fp32 masters
+        teacher = make_teacher(run.model, cfg.teacher, init=init, weights=run.fp32_state_dict())
     if cfg.compile_blocks:  # a copy runs its parts eagerly: compile them again
         from zoomless.models.compiled import compile_blocks
 
@@ -205,7 +208,7 @@ def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float,
     if applied and cfg.teacher == "ema":
         if run.dist.fsdp:
             reshard(teacher)  # its forward leaves the root and the head gathered
-        ema_update_(unwrap(teacher), run.model, cfg.ema_rate)
+        ema_update_(unwrap(teacher), run.fp32_parameters(), cfg.ema_rate)
     return norm, applied
 
 

@@ -293,7 +293,7 @@ def run_loop(model: nn.Module, cfg: FitConfig, step_fn: Callable[[int, int], dic
 
 
 def _optimizer(model: nn.Module, cfg: FitConfig):
-    opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = build_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     return opt
 
 
