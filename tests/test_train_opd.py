@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from zoomless.engines.base import Generation
 from zoomless.engines.hf import HFEngine
 from zoomless.models.loading import load_vlm, vision_token_ids
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt
-from zoomless.train.common import pad_id, view_conversation
+from zoomless.train.common import checkpoint_dir, pad_id, view_conversation
 from zoomless.train.config import OPDConfig
 from zoomless.train.opd import check_views, distill_tokens, train_opd
 from zoomless.world.generate import generate_split
@@ -124,6 +125,38 @@ def test_resume_continues_exactly(assets, tmp_path) -> None:
             assert torch.equal(t, p2[name]), f"{sub or 'student'}: {name}"
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["jsd"] for r in a] == [r["jsd"] for r in b] and len(b) == 4
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_opd_with_bf16_weights_saves_averages_and_resumes_from_the_masters(assets, tmp_path) -> None:
+    base = _weights(assets[0])
+    straight = train_opd(_cfg(assets, tmp_path / "a", max_steps=2, save_every=1, bf16_weights=True))
+    first = checkpoint_dir(tmp_path / "a", 1)
+    student, teacher = _weights(first), _weights(first / "teacher")
+    off_grid = 0
+    for name, w in student.items():
+        assert w.dtype == torch.float32, name  # the masters, not the bf16 compute copy
+        off_grid += not torch.equal(w, w.to(torch.bfloat16).float())
+        torch.testing.assert_close(teacher[name], 0.95 * base[name].float() + 0.05 * w, atol=1e-7, rtol=1e-6)
+    assert off_grid > 0
+    assert "bf16_weights\": true" in (tmp_path / "a" / "train_config.json").read_text()
+
+    train_opd(_cfg(assets, tmp_path / "b", max_steps=1, bf16_weights=True))
+    resumed = train_opd(_cfg(assets, tmp_path / "b", max_steps=2, resume=True, bf16_weights=True))
+    for sub in ("", "teacher"):
+        p1, p2 = _weights(straight / sub), _weights(resumed / sub)
+        for name, t in p1.items():
+            assert torch.equal(t, p2[name]), f"{sub or 'student'}: {name}"
+    jsd = [[json.loads(x)["jsd"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert jsd[0] == jsd[1]
+
+
+def test_bf16_weights_need_bf16_compute(assets, tmp_path) -> None:
+    with pytest.raises(ValueError, match="bf16_weights computes in bf16"):
+        _cfg(assets, tmp_path, dtype="float32", bf16_weights=True)
 
 
 class InjectVisionToken:
