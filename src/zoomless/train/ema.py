@@ -12,6 +12,7 @@ from typing import Literal, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 TeacherMode = Literal["ema", "frozen", "student"]
 
@@ -54,5 +55,16 @@ def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tens
     if t_params.keys() != s_params.keys():
         missing = sorted(set(s_params) ^ set(t_params))[:3]
         raise ValueError(f"teacher and student parameters differ (e.g. {', '.join(missing)})")
+    # plain tensors of one dtype and device (an fp32 student, or a bf16 student's masters) go in one
+    # foreach call instead of a kernel launch per tensor (~800 at 3B); the rest (a bf16 student,
+    # FSDP shards) one by one, so that a cast never copies the whole model at once
+    ts, ss = [], []
     for name, t in t_params.items():
-        t.lerp_(s_params[name].detach().to(device=t.device, dtype=t.dtype), rate)
+        s = s_params[name].detach()
+        if t.dtype == s.dtype and t.device == s.device and not isinstance(t, DTensor) and not isinstance(s, DTensor):
+            ts.append(t)
+            ss.append(s)
+        else:
+            t.lerp_(s.to(device=t.device, dtype=t.dtype), rate)
+    if ts:
+        torch._foreach_lerp_(ts, ss, rate)
