@@ -15,12 +15,14 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
+VARIANTS=${VARIANTS:-hf-plain,opd,opd-master,opd-master-compiled,opd-bf16,opd-bf16-aligned-fused,opd-bf16-aligned-fused-compiled}
+SECOND=${SECOND:-1}  # 0: only the first run
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 3 / 4)) $EXTRA \
-  --variants hf-plain,opd,opd-master,opd-master-compiled,opd-bf16,opd-bf16-aligned-fused,opd-bf16-aligned-fused-compiled \
+  --variants "$VARIANTS" \
   2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn"
 left=$((TOTAL - SECONDS))
-if [ "$left" -gt 60 ]; then
+if [ "$SECOND" = 1 ] && [ "$left" -gt 60 ]; then
   python3 benchmarks/perf_3b.py --out "$OUT/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
     --micro 16 --variants opd-bf16,opd-bf16-aligned-fused-compiled --no-profile --time-budget "$left" $EXTRA \
     2>&1 | grep -v -E "UserWarning|warnings.warn" | tail -20
