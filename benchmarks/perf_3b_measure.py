@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -246,8 +247,37 @@ def profile_call(fn: Callable[[], Any], ranges: dict[str, nn.Module] | None = No
     }
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the kernels (below autograd, after decompositions), views
+    apart: in eager code about one GPU kernel launch each, on any device. Code compiled by inductor
+    calls its fused kernels directly, so there only the ops it leaves to aten (matmuls, attention)
+    are seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view:
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any], top: int = 8) -> dict[str, Any]:
+    """One call of `fn` under `OpCounter`: all ops, the dtype casts (`_to_copy`), the most frequent."""
+    with OpCounter() as c:
+        fn()
+    return {"ops": sum(c.counts.values()), "casts": c.counts.get("_to_copy", 0),
+            "most_frequent": dict(sorted(c.counts.items(), key=lambda kv: -kv[1])[:top])}
+
+
 def profile_text(title: str, p: dict[str, Any]) -> str:
     lines = [f"== torch.profiler: {title}; {p['wall_s']:.3f} s wall under the profiler"]
+    if p.get("op_count"):
+        c = p["op_count"]
+        lines.append(f"   aten ops dispatched (views apart; another step, outside the profiler): {c['ops']}, of which "
+                     f"{c['casts']} dtype casts; most frequent: " + ", ".join(f"{k} {v}" for k, v in c["most_frequent"].items()))
     if p["gpu_kernel_s"] is not None:
         lines.append(f"   GPU kernels {p['gpu_kernel_s']:.3f} s = {p['gpu_busy_share']:.0%} of the wall time; launch queue "
                      f"full {p['launch_queue_full_events']} times (the CPU waited on the GPU)")

@@ -30,7 +30,7 @@ on out-of-memory. Every step's rollouts come from the fixed engine (distributed_
 `--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
 samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
 step of `opd`, `opd-master`, `opd-bf16-aligned-fused` and each compiled variant runs under
-torch.profiler. `--variants` runs a subset (the model changes between them still happen, in order).
+torch.profiler; of the eager ones another step runs under an aten op counter (perf_3b_measure.OpCounter). `--variants` runs a subset (the model changes between them still happen, in order).
 """
 
 from __future__ import annotations
@@ -414,12 +414,16 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
             results["variants"].pop()
             micro //= 2
 
-    def profile(name: str, step: StepFn) -> None:
+    def profile(name: str, step: StepFn, count: bool = True) -> None:
+        """One step under torch.profiler; `count`: another under pm.OpCounter (which does not see
+        into compiled code: dynamo runs the frames eagerly under a dispatch mode)."""
         if not (a.profile and wanted(name)):
             return
         print(f"[train] profiling one {name} step ...", flush=True)
         ranges = {"vision_tower": run.model.model.visual, "language_model": run.model.model.language_model}
         p = guarded(run, lambda: pm.profile_call(lambda: step(Timer()), ranges))
+        if "error" not in p and count:
+            p["op_count"] = guarded(run, lambda: pm.count_ops(lambda: step(Timer())))
         results["profiles"][name] = p
         if "error" not in p:
             text = pm.profile_text(f"one {name} step", p)
@@ -436,7 +440,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         compiled = compile_blocks(run.model)
         add(name, step, f"{like}, {len(compiled)} block parts compiled (zoomless.models.compiled)", teacher=True,
             gc_on=True, micro=a.micro)
-        profile(name, step)
+        profile(name, step, count=False)
         for module in compiled:
             module._compiled_call_impl = None  # nn.Module.compile's switch
         torch._dynamo.reset()  # the next compiled variant starts from an empty cache
@@ -498,4 +502,4 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         add("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro),
             f"as opd-bf16-aligned-fused, {n} block parts compiled (zoomless.models.compiled)", teacher=True,
             gc_on=True, micro=a.micro)
-        profile("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro))
+        profile("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro), count=False)
