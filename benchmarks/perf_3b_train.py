@@ -30,7 +30,9 @@ on out-of-memory. Every step's rollouts come from the fixed engine (distributed_
 `--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
 samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
 step of `opd`, `opd-master`, `opd-bf16-aligned-fused` and each compiled variant runs under
-torch.profiler; of the eager ones another step runs under an aten op counter (perf_3b_measure.OpCounter). `--variants` runs a subset (the model changes between them still happen, in order).
+torch.profiler; of the eager ones another step runs under an aten op counter
+(perf_3b_measure.OpCounter). `--variants` runs a subset (the model changes between them still
+happen, in order).
 """
 
 from __future__ import annotations

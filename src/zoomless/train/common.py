@@ -596,9 +596,7 @@ class Run:
 
     def fp32_parameters(self) -> dict[str, torch.Tensor]:
         """The trainable weights by name, at full precision (what an EMA teacher averages)."""
-        state = self.fp32_state_dict()
-        named = dict(self.model.named_parameters())
-        return {n: state[n] for n in named} if state else named
+        return self.master.fp32_parameters(self.model) if self.master else dict(self.model.named_parameters())
 
     def backward(self, loss: torch.Tensor) -> None:
         self.dist.accelerator.backward(loss)

@@ -18,6 +18,8 @@ gathered in bf16 for compute, and DDP reduces the bf16 gradients itself: so one 
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -50,9 +52,16 @@ class MasterWeights:
 
     def fp32_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """`model.state_dict()` with the fp32 masters in place of the bf16 trainable weights."""
-        by_storage = {p.data_ptr(): m.detach() for p, m in zip(self.params, self.masters)}
+        return self._with_masters(model.state_dict().items())
+
+    def fp32_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """`model`'s parameters by name, the fp32 masters in place of the trainable ones."""
+        return self._with_masters(model.named_parameters())
+
+    def _with_masters(self, items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         # by storage, not by name: a tied LM head is one parameter under two state-dict keys
-        return {k: by_storage.get(v.data_ptr(), v) for k, v in model.state_dict().items()}
+        by_storage = {p.data_ptr(): m.detach() for p, m in zip(self.params, self.masters)}
+        return {k: by_storage.get(v.data_ptr(), v) for k, v in items}
 
     def remove(self) -> None:
         """Stop routing gradients to the masters (the model keeps its bf16 weights)."""
