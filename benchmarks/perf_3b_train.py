@@ -10,10 +10,11 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
     opd           a Vision-OPD step (`opd_step`); the teacher is the live student (the same
                   forward on the crop, without the 15 GB fp32 EMA copy, so that it fits 80 GB)
     grpo          a GRPO step (`grpo_step`)
-    opd-compiled  as opd with each block's attention, MLP and norms compiled (`zoomless.models.compiled`;
-                  its warm-up step compiles); the model is eager again afterwards
+    opd-compiled  as opd with each block compiled (`zoomless.models.compiled`: decoder layers whole,
+                  the vision blocks' MLP and norms; its warm-up step compiles); eager again afterwards
   bf16 compute weights with fp32 master weights in the optimizer (`bf16_weights: true`, train/master.py):
     opd-master, opd-master-compiled   as opd and opd-compiled (teacher = live student)
+    grpo-master, grpo-master-compiled as grpo, with bf16 weights + fp32 masters, eager and compiled
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -22,8 +23,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                            the same function and gradients; bf16 GEMMs whose sizes are not a
                            multiple of 8 run on slow kernels),
     opd-bf16-aligned-fused as opd-bf16-aligned with torch's fused AdamW (one kernel per step)
-    opd-bf16-aligned-fused-compiled  as opd-bf16-aligned-fused with each block's attention, MLP and
-                           norms compiled (`zoomless.models.compiled`; its warm-up step compiles)
+    opd-bf16-aligned-fused-compiled  as opd-bf16-aligned-fused with each block compiled
+                           (`zoomless.models.compiled`; its warm-up step compiles)
 
 Without checkpointing ("nogc") a micro-batch of `--nogc-micro` sequences is tried first and halved
 on out-of-memory. Every step's rollouts come from the fixed engine (distributed_common.FixedEngine):
@@ -345,7 +346,7 @@ def flop_check(run: Any, seqs: dict[str, Any]) -> dict[str, Any]:
 
 def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: float | None, save: Callable) -> None:
     """Every variant in turn; `save(results)` after each one, so a stopped run keeps what it measured."""
-    from zoomless.models.compiled import compile_blocks
+    from zoomless.models.compiled import compile_blocks, uncompile_blocks
     from zoomless.models.loading import vision_token_ids
     from zoomless.train.common import start_run
     from zoomless.train.config import OPDConfig
@@ -435,16 +436,18 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     from zoomless.train.common import Timer
 
-    def compiled_variant(name: str, step: StepFn, like: str) -> None:
-        """`step` with the block parts compiled (its warm-up step compiles); the model is eager again after."""
-        if not wanted(name):
+    def compiled_variants(*variants: tuple[str, StepFn, str]) -> None:
+        """(name, step, like) each with the blocks compiled (the first warm-up step compiles, the
+        others reuse the graphs); the model is eager again after."""
+        variants = tuple(v for v in variants if wanted(v[0]))
+        if not variants:
             return
         compiled = compile_blocks(run.model)
-        add(name, step, f"{like}, {len(compiled)} block parts compiled (zoomless.models.compiled)", teacher=True,
-            gc_on=True, micro=a.micro)
-        profile(name, step, count=False)
-        for module in compiled:
-            module._compiled_call_impl = None  # nn.Module.compile's switch
+        for name, step, like in variants:
+            add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
+                teacher=name.startswith("opd"), gc_on=True, micro=a.micro)
+            profile(name, step, count=False)
+        uncompile_blocks(compiled)
         torch._dynamo.reset()  # the next compiled variant starts from an empty cache
 
     # fp32 weights + bf16 autocast, checkpointing on: the project's defaults
@@ -452,18 +455,21 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         teacher=False, gc_on=True, micro=a.micro, shared=False)  # HF encodes every sequence's image
     opd = opd_step_fn(cfg, run, run.model, engine, banned, counter)
     add("opd", opd, "Vision-OPD step, fp32 weights, teacher = live student", teacher=True, gc_on=True, micro=a.micro)
-    add("grpo", grpo_step_fn(grpo_config(cfg), run, engine, banned, counter), "GRPO step, fp32 weights",
-        teacher=False, gc_on=True, micro=a.micro)
+    grpo = grpo_step_fn(grpo_config(cfg), run, engine, banned, counter)
+    add("grpo", grpo, "GRPO step, fp32 weights", teacher=False, gc_on=True, micro=a.micro)
     profile("opd", opd)
-    compiled_variant("opd-compiled", opd, "as opd")  # the recipe's fp32 weights
+    compiled_variants(("opd-compiled", opd, "as opd"))  # the recipe's fp32 weights
 
     # bf16 compute weights, fp32 master weights in the optimizer (`bf16_weights: true`)
-    if wanted("opd-master") or wanted("opd-master-compiled"):
+    if any(wanted(v) for v in ("opd-master", "opd-master-compiled", "grpo-master", "grpo-master-compiled")):
         fp32_optimizer = use_master_weights(run, cfg)
         add("opd-master", opd, "Vision-OPD step, bf16 weights + fp32 masters (bf16_weights), teacher = live student",
             teacher=True, gc_on=True, micro=a.micro)
         profile("opd-master", opd)
-        compiled_variant("opd-master-compiled", opd, "as opd-master")
+        add("grpo-master", grpo, "GRPO step, bf16 weights + fp32 masters (bf16_weights)", teacher=False, gc_on=True,
+            micro=a.micro)
+        compiled_variants(("opd-master-compiled", opd, "as opd-master"),
+                          ("grpo-master-compiled", grpo, "as grpo-master"))
         drop_master_weights(run, fp32_optimizer)
 
     # bf16 weights, gradients and optimizer states
@@ -502,6 +508,6 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         n = len(compile_blocks(run.model))
         compile_blocks(teacher)
         add("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro),
-            f"as opd-bf16-aligned-fused, {n} block parts compiled (zoomless.models.compiled)", teacher=True,
+            f"as opd-bf16-aligned-fused, {n} blocks or block parts compiled (zoomless.models.compiled)", teacher=True,
             gc_on=True, micro=a.micro)
         profile("opd-bf16-aligned-fused-compiled", opd_bf16(a.micro), count=False)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 9's pending measurement in one device call (under 10 minutes): compiled block parts
-# (zoomless.models.compiled) and bf16 weights with fp32 masters (train/master.py) against the eager
+# Issue 9's measurement in one device call (under 10 minutes): compiled blocks
+# (zoomless.models.compiled) with bf16 weights and fp32 masters (train/master.py) against the eager
 # steps, on one GPU, at the Qwen2.5-VL-3B shape.
 #   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_env.sh says how to make it)
-# A: 1 prompt x 8 rollouts (the shape of the earlier tables), the stock baseline, the recipe's fp32
-#    step, the same with bf16 weights + fp32 masters (eager and compiled), the bf16 steps (eager and
-#    compiled), with profiles. B: 4 prompts x 8 rollouts in micro-batches of 16, eager vs
-#    compiled: do larger kernels (fewer launches per token) lift MFU? Each run stops at its time
+# A: 1 prompt x 8 rollouts (the shape of the earlier tables), Vision-OPD and GRPO steps with bf16
+#    weights + fp32 masters, eager and compiled, with profiles (VARIANTS= picks others, such as
+#    hf-plain,opd,opd-bf16,opd-bf16-aligned-fused-compiled). B: 4 prompts x 8 rollouts in
+#    micro-batches of 16, eager vs compiled (VARIANTS4=): do larger kernels (fewer launches per
+#    token) lift MFU? Each run stops at its time
 #    budget and keeps what it measured; everything comes back as $OUT/perf.tar (a call returns at
 #    most 8 files).
 set -uo pipefail
@@ -15,7 +16,8 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
-VARIANTS=${VARIANTS:-hf-plain,opd,opd-master,opd-master-compiled,opd-bf16,opd-bf16-aligned-fused,opd-bf16-aligned-fused-compiled}
+VARIANTS=${VARIANTS:-opd-master,grpo-master,opd-master-compiled,grpo-master-compiled}
+VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the second run's
 SECOND=${SECOND:-1}  # 0: only the first run
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 3 / 4)) $EXTRA \
@@ -24,7 +26,7 @@ python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((
 left=$((TOTAL - SECONDS))
 if [ "$SECOND" = 1 ] && [ "$left" -gt 60 ]; then
   python3 benchmarks/perf_3b.py --out "$OUT/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
-    --micro 16 --variants opd-bf16,opd-bf16-aligned-fused-compiled --no-profile --time-budget "$left" $EXTRA \
+    --micro 16 --variants "$VARIANTS4" --no-profile --time-budget "$left" $EXTRA \
     2>&1 | grep -v -E "UserWarning|warnings.warn" | tail -20
 fi
 tar cf "$OUT/perf.tar" -C "$OUT" $(cd "$OUT" && ls -d perf1 perf4 2>/dev/null) && rm -rf "$OUT/perf1" "$OUT/perf4"

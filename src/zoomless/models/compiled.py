@@ -1,30 +1,59 @@
-"""Compile the parts of each transformer block with torch.compile, to fuse their small kernels.
+"""Compile each transformer block with torch.compile, to fuse its small kernels.
 
 At the Qwen2.5-VL-3B shape a training step spends more GPU time in copy, cast and elementwise
 kernels (RMSNorm in several passes, SwiGLU's silu and product, rotary's cat and multiplies,
 autocast's casts) than in its matmuls, and the CPU spends the rest of the step launching them
 (docs/PERFORMANCE.md). Inductor fuses each such run of elementwise work into one kernel.
 
-Only the parts of a block (attention, MLP, norms) are compiled, not the block itself: HF's
-activation checkpointing wraps whole blocks, and dynamo cannot trace a checkpointed block that
-touches transformers' context variables (it falls back to eager). Vision attention patched by
-`fast_vision` stays eager: it plans its batching in Python. Shapes are dynamic (sequence lengths
-change every step), and every block shares one compiled graph per part, as modules are inlined.
+Decoder layers are compiled whole, activation checkpointing included: dynamo traces HF's
+checkpointed forward as one graph whose backward recomputes the layer. Inside it, the `kernels`
+package (transformers' hub kernels) sets a context variable in every layer's forward; a
+checkpoint would replay that in the backward, and dynamo refuses such side effects unless told to
+skip them (harmless here: the variable is set and reset within the forward). Blocks with a
+`fast_vision` attention (it plans its batching in Python) keep that attention eager and compile
+their other parts (MLP, norms). Shapes are dynamic (sequence lengths change every step), and all
+blocks of a kind share one graph: modules are graph inputs, not constants.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+import torch
 from torch import nn
 
 from zoomless.models.fast_vision import PATCHED
 
 
+@torch.compile(dynamic=True)
+def _compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # the class's forward (checkpointing wrapper included), not the instance attribute set below
+    return type(block).forward(block, *args, **kwargs)
+
+
 def compile_blocks(model: nn.Module) -> list[nn.Module]:
-    """Compile every child of each repeated block (`model._no_split_modules`: the decoder layers
-    and the vision blocks of HF's VLMs) in place. Returns the modules compiled."""
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    parts = [part for module in model.modules() if type(module).__name__ in blocks
-             for part in module.children() if not getattr(part, PATCHED, False)]
-    for part in parts:
-        part.compile(dynamic=True)
-    return parts
+    """Compile each repeated block (`model._no_split_modules`: the decoder layers and the vision
+    blocks of HF's VLMs) in place: whole, or its parts where its attention is `fast_vision`'s.
+    Calling it again (on a copy of a compiled model, say) compiles the copy's own blocks.
+    Returns the modules compiled."""
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see the module docstring
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    compiled = []
+    for block in [m for m in model.modules() if type(m).__name__ in kinds]:
+        if any(getattr(m, PATCHED, False) for m in block.modules()):
+            for part in block.children():
+                if not getattr(part, PATCHED, False):
+                    part.compile(dynamic=True)
+                    compiled.append(part)
+        else:
+            block.forward = functools.partial(_compiled_block, block)
+            compiled.append(block)
+    return compiled
+
+
+def uncompile_blocks(modules: list[nn.Module]) -> None:
+    """Undo `compile_blocks` on the modules it returned: they run eagerly again."""
+    for module in modules:
+        module._compiled_call_impl = None  # nn.Module.compile's switch
+        module.__dict__.pop("forward", None)  # the whole-block wrapper
