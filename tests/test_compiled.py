@@ -1,10 +1,11 @@
 """Compiled blocks give the eager model's hidden states and gradients, under checkpointing."""
 
+import copy
 from pathlib import Path
 
 import torch
 
-from zoomless.models.compiled import compile_blocks
+from zoomless.models.compiled import compile_blocks, uncompile_blocks
 from zoomless.models.loading import load_vlm
 from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import read_samples
@@ -33,7 +34,8 @@ def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None
 
     eager = [step(x) for x in batches]
     dynamo_utils.counters.clear()
-    n = len(compile_blocks(model))
+    blocks = compile_blocks(model)
+    n = len(blocks)
     compiled = [step(x) for x in batches]
     # decoder layers whole; vision blocks: MLP, 2 norms (their attention stays eager)
     assert n == model.config.text_config.num_hidden_layers + 3 * model.config.vision_config.depth
@@ -45,3 +47,19 @@ def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None
         assert g0.keys() == g1.keys()
         for name in g0:  # sums in another order: relative to the gradient's scale
             torch.testing.assert_close(g1[name], g0[name], atol=1e-3 * float(g0[name].abs().max()), rtol=1e-3, msg=name)
+
+    # a copy (as make_teacher's EMA teacher) compiled again runs its own weights, without gradients
+    teacher = copy.deepcopy(model).eval()
+    compile_blocks(teacher)
+    uncompile_blocks(blocks)  # the model runs eagerly again
+    assert all("forward" not in b.__dict__ and b._compiled_call_impl is None for b in blocks)
+    model.eval()
+    with torch.no_grad():
+        eager_h = response_hidden(model, batches[0])
+        teacher_h = response_hidden(teacher, batches[0])
+        for p in model.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(response_hidden(model, batches[0]), eager_h)
+        torch.testing.assert_close(response_hidden(teacher, batches[0]), teacher_h)
+    torch.testing.assert_close(teacher_h, eager_h, atol=1e-5, rtol=1e-4)
+    assert not dynamo_utils.counters["graph_break"]

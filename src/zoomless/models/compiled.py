@@ -12,7 +12,8 @@ checkpoint would replay that in the backward, and dynamo refuses such side effec
 skip them (harmless here: the variable is set and reset within the forward). Blocks with a
 `fast_vision` attention (it plans its batching in Python) keep that attention eager and compile
 their other parts (MLP, norms). Shapes are dynamic (sequence lengths change every step), and all
-blocks of a kind share one graph: modules are graph inputs, not constants.
+blocks of a kind share one graph per grad mode: modules are graph inputs, not constants. Decoder
+layers run eagerly when generating (a KV cache, one token per call).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def _compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(block).forward(block, *args, **kwargs)
 
 
+def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The compiled block on teacher-forced forwards (the training step's student and teacher);
+    eager when generating: a KV cache and one new token per call would recompile it every step."""
+    if kwargs.get("use_cache") or torch.is_inference_mode_enabled():
+        return type(block).forward(block, *args, **kwargs)
+    return _compiled_block(block, *args, **kwargs)
+
+
 def compile_blocks(model: nn.Module) -> list[nn.Module]:
     """Compile each repeated block (`model._no_split_modules`: the decoder layers and the vision
     blocks of HF's VLMs) in place: whole, or its parts where its attention is `fast_vision`'s.
@@ -47,7 +56,7 @@ def compile_blocks(model: nn.Module) -> list[nn.Module]:
                     part.compile(dynamic=True)
                     compiled.append(part)
         else:
-            block.forward = functools.partial(_compiled_block, block)
+            block.forward = functools.partial(_block_forward, block)
             compiled.append(block)
     return compiled
 

@@ -46,7 +46,8 @@ class TrainConfig(BaseModel):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 autocast on CUDA
     gradient_checkpointing: bool = False
-    compile_blocks: bool = False  # torch.compile each block's attention, MLP and norms (models/compiled.py)
+    # torch.compile each decoder layer whole, and the vision blocks' MLP and norms (models/compiled.py)
+    compile_blocks: bool = False
     # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
     # of a bf16 model at the memory of fp32 weights; bf16 compute even on CPU; one process only
     bf16_weights: bool = False
