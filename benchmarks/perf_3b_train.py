@@ -15,6 +15,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
   bf16 compute weights with fp32 master weights in the optimizer (`bf16_weights: true`, train/master.py):
     opd-master, opd-master-compiled   as opd and opd-compiled (teacher = live student)
     grpo-master, grpo-master-compiled as grpo, with bf16 weights + fp32 masters, eager and compiled
+    opd-master-compiled-parts         as opd-master with each block's attention, MLP and norms compiled
+                                      separately (`compile_blocks(..., whole=False)`, as before 2026-12-07)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -436,13 +438,13 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     from zoomless.train.common import Timer
 
-    def compiled_variants(*variants: tuple[str, StepFn, str]) -> None:
-        """(name, step, like) each with the blocks compiled (the first warm-up step compiles, the
-        others reuse the graphs); the model is eager again after."""
+    def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True) -> None:
+        """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole)`; the first
+        warm-up step compiles, the others reuse the graphs); the model is eager again after."""
         variants = tuple(v for v in variants if wanted(v[0]))
         if not variants:
             return
-        compiled = compile_blocks(run.model)
+        compiled = compile_blocks(run.model, whole)
         for name, step, like in variants:
             add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
                 teacher=name.startswith("opd"), gc_on=True, micro=a.micro)
@@ -461,13 +463,15 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     compiled_variants(("opd-compiled", opd, "as opd"))  # the recipe's fp32 weights
 
     # bf16 compute weights, fp32 master weights in the optimizer (`bf16_weights: true`)
-    if any(wanted(v) for v in ("opd-master", "opd-master-compiled", "grpo-master", "grpo-master-compiled")):
+    if any(wanted(v) for v in ("opd-master", "grpo-master", "opd-master-compiled-parts", "opd-master-compiled",
+                               "grpo-master-compiled")):
         fp32_optimizer = use_master_weights(run, cfg)
         add("opd-master", opd, "Vision-OPD step, bf16 weights + fp32 masters (bf16_weights), teacher = live student",
             teacher=True, gc_on=True, micro=a.micro)
         profile("opd-master", opd)
         add("grpo-master", grpo, "GRPO step, bf16 weights + fp32 masters (bf16_weights)", teacher=False, gc_on=True,
             micro=a.micro)
+        compiled_variants(("opd-master-compiled-parts", opd, "as opd-master, block parts"), whole=False)
         compiled_variants(("opd-master-compiled", opd, "as opd-master"),
                           ("grpo-master-compiled", grpo, "as grpo-master"))
         drop_master_weights(run, fp32_optimizer)

@@ -4,7 +4,8 @@
 # steps, on one GPU, at the Qwen2.5-VL-3B shape.
 #   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_env.sh says how to make it)
 # A: 1 prompt x 8 rollouts (the shape of the earlier tables), Vision-OPD and GRPO steps with bf16
-#    weights + fp32 masters, eager and compiled, with profiles (VARIANTS= picks others, such as
+#    weights + fp32 masters, eager, compiled in parts (as measured on 2026-12-07) and compiled with
+#    whole decoder layers, with profiles (VARIANTS= picks others, such as
 #    hf-plain,opd,opd-bf16,opd-bf16-aligned-fused-compiled). B: 4 prompts x 8 rollouts in
 #    micro-batches of 16, eager vs compiled (VARIANTS4=): do larger kernels (fewer launches per
 #    token) lift MFU? Each run stops at its time
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
-VARIANTS=${VARIANTS:-opd-master,grpo-master,opd-master-compiled,grpo-master-compiled}
+VARIANTS=${VARIANTS:-opd-master,grpo-master,opd-master-compiled-parts,opd-master-compiled,grpo-master-compiled}
 VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the second run's
 SECOND=${SECOND:-1}  # 0: only the first run
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true

@@ -63,3 +63,7 @@ def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None
         torch.testing.assert_close(response_hidden(teacher, batches[0]), teacher_h)
     torch.testing.assert_close(teacher_h, eager_h, atol=1e-5, rtol=1e-4)
     assert not dynamo_utils.counters["graph_break"]
+    # whole=False compiles the parts of every block (as before 2026-12-07): attention, MLP, 2 norms per layer
+    parts = compile_blocks(model, whole=False)
+    assert len(parts) == 4 * model.config.text_config.num_hidden_layers + 3 * model.config.vision_config.depth
+    uncompile_blocks(parts)

@@ -41,16 +41,17 @@ def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return _compiled_block(block, *args, **kwargs)
 
 
-def compile_blocks(model: nn.Module) -> list[nn.Module]:
+def compile_blocks(model: nn.Module, whole: bool = True) -> list[nn.Module]:
     """Compile each repeated block (`model._no_split_modules`: the decoder layers and the vision
-    blocks of HF's VLMs) in place: whole, or its parts where its attention is `fast_vision`'s.
-    Calling it again (on a copy of a compiled model, say) compiles the copy's own blocks.
+    blocks of HF's VLMs) in place: whole, or its parts where its attention is `fast_vision`'s (or
+    everywhere with `whole=False`, as before 2026-12-07: benchmarks/perf_3b_train.py compares the
+    two). Calling it again (on a copy of a compiled model, say) compiles the copy's own blocks.
     Returns the modules compiled."""
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see the module docstring
     kinds = set(getattr(model, "_no_split_modules", None) or ())
     compiled = []
     for block in [m for m in model.modules() if type(m).__name__ in kinds]:
-        if any(getattr(m, PATCHED, False) for m in block.modules()):
+        if not whole or any(getattr(m, PATCHED, False) for m in block.modules()):
             for part in block.children():
                 if not getattr(part, PATCHED, False):
                     part.compile(dynamic=True)
