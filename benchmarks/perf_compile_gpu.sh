@@ -8,9 +8,9 @@
 #    whole decoder layers, with profiles (VARIANTS= picks others, such as
 #    hf-plain,opd,opd-bf16,opd-bf16-aligned-fused-compiled). B: 4 prompts x 8 rollouts in
 #    micro-batches of 16, eager vs compiled (VARIANTS4=): do larger kernels (fewer launches per
-#    token) lift MFU? Each run stops at its time
-#    budget and keeps what it measured; everything comes back as $OUT/perf.tar (a call returns at
-#    most 8 files).
+#    token) lift MFU? SYNCS=1: the same steps with 200 of 245 host syncs removed (see below).
+# Each run stops at its time budget and keeps what it measured; everything comes back as
+# $OUT/perf.tar (a call returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
@@ -19,15 +19,28 @@ TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
 VARIANTS=${VARIANTS:-opd-master,grpo-master,opd-master-compiled-parts,opd-master-compiled,grpo-master-compiled}
 VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the second run's
-SECOND=${SECOND:-1}  # 0: only the first run
+SECOND=${SECOND:-1}  # 0: no 4-prompt run
+SYNCS=${SYNCS:-0}    # 1: also VARIANTS_SYNCS with benchmarks/patches/host-syncs.patch applied (below)
+VARIANTS_SYNCS=${VARIANTS_SYNCS:-opd-master,opd-master-compiled}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 3 / 4)) $EXTRA \
   --variants "$VARIANTS" \
   2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn"
+# The patch (commit e0dceea, reverted in 7c0ee3a) builds the M-RoPE position ids and the shared-image
+# gathers on the CPU: 245 -> 45 host syncs per step. Eager steps did not get faster (H200,
+# 2026-12-06); compiled ones leave the CPU waiting in those syncs (145 ms per step, 2026-12-07).
+left=$((TOTAL - SECONDS))
+if [ "$SYNCS" = 1 ] && [ "$left" -gt 90 ]; then
+  rm -rf /tmp/zl-syncs && mkdir -p /tmp/zl-syncs && cp -r src benchmarks tests /tmp/zl-syncs/ \
+    && (cd /tmp/zl-syncs && patch -s -p1 < benchmarks/patches/host-syncs.patch \
+    && python3 benchmarks/perf_3b.py --out "$OUT/perfs" --work /tmp/zoomless-perf3b-s --parts train \
+    --variants "$VARIANTS_SYNCS" --time-budget $((left * 3 / 5)) $EXTRA \
+    2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn" | tail -40)
+fi
 left=$((TOTAL - SECONDS))
 if [ "$SECOND" = 1 ] && [ "$left" -gt 60 ]; then
   python3 benchmarks/perf_3b.py --out "$OUT/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
     --micro 16 --variants "$VARIANTS4" --no-profile --time-budget "$left" $EXTRA \
     2>&1 | grep -v -E "UserWarning|warnings.warn" | tail -20
 fi
-tar cf "$OUT/perf.tar" -C "$OUT" $(cd "$OUT" && ls -d perf1 perf4 2>/dev/null) && rm -rf "$OUT/perf1" "$OUT/perf4"
+tar cf "$OUT/perf.tar" -C "$OUT" $(cd "$OUT" && ls -d perf1 perfs perf4 2>/dev/null) && rm -rf "$OUT/perf1" "$OUT/perfs" "$OUT/perf4"
