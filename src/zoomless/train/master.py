@@ -35,6 +35,9 @@ class MasterWeights:
         with torch.no_grad():  # the same Parameter objects, now holding bf16 data; buffers keep their
             for p in model.parameters():  # dtype (`model.to` would round the rotary inv_freq to bf16)
                 p.data = p.data.to(dtype)
+        # by storage, not by name: a tied LM head is one parameter under two state-dict keys (the
+        # storages stay put: `copy_to_model` writes into them)
+        self._master_at = {p.data_ptr(): m.detach() for p, m in zip(self.params, self.masters)}
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
 
     def _accumulate(self, p: torch.Tensor) -> None:
@@ -59,9 +62,7 @@ class MasterWeights:
         return self._with_masters(model.named_parameters())
 
     def _with_masters(self, items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        # by storage, not by name: a tied LM head is one parameter under two state-dict keys
-        by_storage = {p.data_ptr(): m.detach() for p, m in zip(self.params, self.masters)}
-        return {k: by_storage.get(v.data_ptr(), v) for k, v in items}
+        return {k: self._master_at.get(v.data_ptr(), v) for k, v in items}
 
     def remove(self) -> None:
         """Stop routing gradients to the masters (the model keeps its bf16 weights)."""

@@ -194,7 +194,7 @@ def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Mod
         teacher = shard_like_policy(run.dist, init)
     else:  # a bf16 student's copy starts from its fp32 masters
         teacher = make_teacher(run.model, cfg.teacher, init=init, weights=run.fp32_state_dict())
-    if cfg.compile_blocks:  # a copy runs its parts eagerly: compile them again
+    if cfg.compile_blocks:  # a deep copy's compiled parts run eagerly (nn.Module.compile is not copied)
         from zoomless.models.compiled import compile_blocks
 
         compile_blocks(teacher)
