@@ -53,7 +53,7 @@ GEN_VARIANTS = {  # HFEngine options
     "static+compile": {"cache_implementation": "static"},  # transformers compiles the decode step on CUDA
 }
 TRAIN_VARIANTS = ("hf-plain", "opd", "grpo", "opd-compiled", "opd-master", "grpo-master", "opd-master-compiled-parts",
-                  "opd-master-compiled", "grpo-master-compiled", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
+                  "opd-master-compiled", "grpo-master-compiled", "opd-master-compiled-keep", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
                   "opd-bf16-nogc-frozen-vision", "opd-bf16-aligned", "opd-bf16-aligned-fused",
                   "opd-bf16-aligned-fused-compiled")  # perf_3b_train.py runs them in this order
 # Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) from the vendor's data sheets, first match wins.
@@ -439,6 +439,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-len", type=int, default=256, help="training: tokens per response (plus the answer)")
     p.add_argument("--micro", type=int, default=8, help="training: sequences per forward/backward")
     p.add_argument("--nogc-micro", type=int, default=2, help="without checkpointing, first try (halved on OOM)")
+    p.add_argument("--uncheckpointed", type=int, default=16,
+                   help="opd-master-compiled-keep: decoder layers without checkpointing, first try (halved on OOM)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--variants", default="", help="training variants to run, comma-separated (default: all of "

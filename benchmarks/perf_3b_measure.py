@@ -114,11 +114,11 @@ def encodes_images(seqs: Sequence[Seq], group: int) -> list[bool]:
 
 def step_flops(
     config: Any, trained: Sequence[Seq], forward_only: Sequence[Seq] = (), *, vision_trained: bool = True,
-    checkpointing: bool = False, shared_images: bool = False, micro: int | None = None,
+    checkpointing: float = 0.0, shared_images: bool = False, micro: int | None = None,
 ) -> dict[str, float]:
     """Model FLOPs of one step (`model`) and its split by part, and what the hardware does besides
     (`recompute`): the activation-checkpoint recompute (one more forward of the trained layers,
-    head excluded) and, with `shared_images`, the images encoded again because the rollouts of one
+    head excluded; `checkpointing` is the share of decoder layers checkpointed, True for all) and, with `shared_images`, the images encoded again because the rollouts of one
     prompt span several forwards of `micro` sequences. With `shared_images` the model FLOPs count
     the vision tower once per distinct image of each list (`trained`, `forward_only`); without,
     once per sequence, as stock transformers runs it."""
@@ -136,7 +136,7 @@ def step_flops(
                 parts[k] += (vis * n if k.startswith("vision") else lm) * f[k]
             recompute += vis * vision * (d - n)
             if checkpointing and grad:
-                recompute += f["lm_linear"] + f["lm_attention"] + (vision * d if vision_trained else 0.0)
+                recompute += checkpointing * (f["lm_linear"] + f["lm_attention"]) + (vision * d if vision_trained else 0.0)
     return {"model": sum(parts.values()), "recompute": recompute, "parts": parts}
 
 

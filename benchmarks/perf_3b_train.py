@@ -17,6 +17,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
     grpo-master, grpo-master-compiled as grpo, with bf16 weights + fp32 masters, eager and compiled
     opd-master-compiled-parts         as opd-master with each block's attention, MLP and norms compiled
                                       separately (`compile_blocks(..., whole=False)`, as before 2026-12-07)
+    opd-master-compiled-keep          as opd-master-compiled, the last `--uncheckpointed` decoder layers
+                                      keep their activations (`uncheckpointed_layers`; halved on OOM)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -110,11 +112,11 @@ def guarded(run: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- model and optimizer switches
 
 
-def set_checkpointing(model: nn.Module, on: bool) -> None:
+def set_checkpointing(model: nn.Module, on: bool, uncheckpointed_layers: int = 0) -> None:
     from zoomless.train.common import enable_activation_checkpointing
 
     if on:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, uncheckpointed_layers)
     else:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
 
@@ -291,7 +293,7 @@ def grpo_config(cfg: Any) -> Any:
 
 def variant_result(
     name: str, m: dict[str, Any], config: Any, seqs: dict[str, Any], *, teacher: bool, vision_trained: bool,
-    checkpointing: bool, micro: int, shared_images: bool, peak_flops: float | None, what: str,
+    checkpointing: float, micro: int, shared_images: bool, peak_flops: float | None, what: str,
 ) -> dict[str, Any]:
     out = {"variant": name, "what": what, "gradient_checkpointing": checkpointing, "micro_batch": micro,
            "shared_images": shared_images, **m}
@@ -393,9 +395,10 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     def wanted(name: str) -> bool:
         return not a.variants or name in a.variants
 
-    def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: bool, micro: int, vision: bool = True,
+    def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: float, micro: int, vision: bool = True,
             shared: bool = True) -> None:
-        """`shared`: the step encodes each distinct image once per micro-batch (every zoomless step)."""
+        """`gc_on`: the share of decoder layers checkpointed (True: all). `shared`: the step encodes
+        each distinct image once per micro-batch (every zoomless step)."""
         if not wanted(name):
             return
         print(f"[train] {name} ...", flush=True)
@@ -438,7 +441,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     from zoomless.train.common import Timer
 
-    def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True) -> None:
+    def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, gc_on: float = 1.0) -> None:
         """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole)`; the first
         warm-up step compiles, the others reuse the graphs); the model is eager again after."""
         variants = tuple(v for v in variants if wanted(v[0]))
@@ -447,7 +450,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         compiled = compile_blocks(run.model, whole)
         for name, step, like in variants:
             add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
-                teacher=name.startswith("opd"), gc_on=True, micro=a.micro)
+                teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro)
             profile(name, step, count=False)
         uncompile_blocks(compiled)
         torch._dynamo.reset()  # the next compiled variant starts from an empty cache
@@ -474,6 +477,18 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         compiled_variants(("opd-master-compiled-parts", opd, "as opd-master, block parts"), whole=False)
         compiled_variants(("opd-master-compiled", opd, "as opd-master"),
                           ("grpo-master-compiled", grpo, "as grpo-master"))
+        keep, layers = a.uncheckpointed, len(run.model.get_decoder().layers)
+        while keep and wanted("opd-master-compiled-keep"):  # halved on out-of-memory, as nogc's micro-batch
+            set_checkpointing(run.model, True, keep)
+            compiled_variants(("opd-master-compiled-keep", opd,
+                               f"as opd-master-compiled, the last {keep} decoder layers not checkpointed "
+                               f"(uncheckpointed_layers: {keep})"),
+                              gc_on=1 - min(keep / layers, 1.0))
+            set_checkpointing(run.model, True)
+            if "error" not in results["variants"][-1]:
+                break
+            results["variants"].pop()
+            keep //= 2
         drop_master_weights(run, fp32_optimizer)
 
     # bf16 weights, gradients and optimizer states

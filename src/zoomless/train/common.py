@@ -64,13 +64,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each layer's activations in the backward pass (newer transformers renamed the API)."""
+def enable_activation_checkpointing(model: nn.Module, uncheckpointed_layers: int = 0) -> None:
+    """Recompute each layer's activations in the backward pass (newer transformers renamed the API),
+    except in the last `uncheckpointed_layers` decoder layers: they keep theirs, trading their
+    activation memory for less recompute. The last ones, because the backward frees them first,
+    before the gradients of the earlier layers take up their memory."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if uncheckpointed_layers:
+        layers = model.get_decoder().layers
+        for layer in layers[max(len(layers) - uncheckpointed_layers, 0):]:
+            layer.gradient_checkpointing = False  # HF's GradientCheckpointingLayer checks it on each call
 
 
 def seed_everything(seed: int) -> None:
@@ -620,7 +627,7 @@ def start_run(cfg: Any) -> Run:
     load_dir, ckpt = resolve_start(cfg.model_dir, cfg.out_dir, cfg.resume)
     model, processor = load_vlm(load_dir, dtype=torch.float32, device=device)
     if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, cfg.uncheckpointed_layers)
     if cfg.compile_blocks:
         from zoomless.models.compiled import compile_blocks
 

@@ -46,6 +46,9 @@ class TrainConfig(BaseModel):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype; auto = bf16 autocast on CUDA
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing, the last N decoder layers keep their activations instead of
+    # recomputing them: less recompute for N layers' activation memory (docs/PERFORMANCE.md)
+    uncheckpointed_layers: int = Field(0, ge=0)
     # torch.compile each decoder layer whole, and the vision blocks' MLP and norms (models/compiled.py)
     compile_blocks: bool = False
     # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
