@@ -67,3 +67,30 @@ def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None
     parts = compile_blocks(model, whole=False)
     assert len(parts) == 4 * model.config.text_config.num_hidden_layers + 3 * model.config.vision_config.depth
     uncompile_blocks(parts)
+
+
+def test_uncheckpointed_layers_skip_the_recompute_and_keep_the_gradients(tmp_path: Path) -> None:
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", size="test"), dtype=torch.float32, device="cpu")
+    model.train()
+    samples = read_samples(generate_split(tmp_path / "world", "train", 1, seed=1, size=448, progress=False))
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    batch = build_batch([a, a], [[5, 6, 7], [8]], pad_id(processor))
+    layers = model.get_decoder().layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):  # the MLP starts again in the backward of a checkpointed layer
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def grads(uncheckpointed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+        enable_activation_checkpointing(model, uncheckpointed)
+        calls[:] = [0] * len(layers)
+        model.zero_grad()
+        response_hidden(model, batch).pow(2).sum().backward()
+        return list(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    n = len(layers)
+    all_calls, all_grads = grads(0)
+    last_calls, last_grads = grads(1)
+    assert all_calls == [2] * n and last_calls == [2] * (n - 1) + [1]
+    assert grads(n)[0] == [1] * n
+    for name in all_grads:
+        torch.testing.assert_close(last_grads[name], all_grads[name], msg=name)
