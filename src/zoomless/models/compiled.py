@@ -5,11 +5,13 @@ kernels (RMSNorm in several passes, SwiGLU's silu and product, rotary's cat and 
 autocast's casts) than in its matmuls, and the CPU spends the rest of the step launching them
 (docs/PERFORMANCE.md). Inductor fuses each such run of elementwise work into one kernel.
 
-Decoder layers are compiled whole, activation checkpointing included: dynamo traces HF's
-checkpointed forward as one graph whose backward recomputes the layer. Inside it, the `kernels`
-package (transformers' hub kernels) sets a context variable in every layer's forward; a
-checkpoint would replay that in the backward, and dynamo refuses such side effects unless told to
-skip them (harmless here: the variable is set and reset within the forward). Blocks with a
+Decoder layers are compiled whole. Newer transformers (5.25) checkpoint inside the layer's
+`forward`: dynamo traces the checkpointed forward as one graph whose backward recomputes the layer.
+Inside it, the `kernels` package (transformers' hub kernels) sets a context variable in every
+layer's forward; a checkpoint would replay that in the backward, and dynamo refuses such side
+effects unless told to skip them (harmless here: the variable is set and reset within the
+forward). Older ones (5.17) checkpoint in `__call__`, around the compiled forward, which the
+backward then runs again. Blocks with a
 `fast_vision` attention (it plans its batching in Python) keep that attention eager and compile
 their other parts (MLP, norms). Shapes are dynamic (sequence lengths change every step), and all
 blocks of a kind share one graph per grad mode: modules are graph inputs, not constants. Decoder
