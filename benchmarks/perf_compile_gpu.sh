@@ -22,10 +22,16 @@ VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the second run's
 SECOND=${SECOND:-1}  # 0: no 4-prompt run
 SYNCS=${SYNCS:-0}    # 1: also VARIANTS_SYNCS with benchmarks/patches/host-syncs.patch applied (below)
 VARIANTS_SYNCS=${VARIANTS_SYNCS:-opd-master,opd-master-compiled}
+RES=/tmp/zl-perf-results  # the runs write here; $OUT gets only perf.tar
+rm -rf "$RES" && mkdir -p "$RES"
+pack() {  # after each run, so that a call cut short at its limit still returns what ran before
+  tar cf "$OUT/perf.tar.tmp" -C "$RES" $(cd "$RES" && ls -d perf1 perfs perf4 2>/dev/null) && mv "$OUT/perf.tar.tmp" "$OUT/perf.tar"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python3 benchmarks/perf_3b.py --out "$OUT/perf1" --parts train --time-budget $((TOTAL * 3 / 4)) $EXTRA \
+python3 benchmarks/perf_3b.py --out "$RES/perf1" --parts train --time-budget $((TOTAL * 3 / 4)) $EXTRA \
   --variants "$VARIANTS" \
   2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn"
+pack
 # The patch (commit e0dceea, reverted in 7c0ee3a) builds the M-RoPE position ids and the shared-image
 # gathers on the CPU: 245 -> 45 host syncs per step. Eager steps did not get faster (H200,
 # 2026-12-06); compiled ones leave the CPU waiting in those syncs (145 ms per step, 2026-12-07).
@@ -33,14 +39,15 @@ left=$((TOTAL - SECONDS))
 if [ "$SYNCS" = 1 ] && [ "$left" -gt 90 ]; then
   rm -rf /tmp/zl-syncs && mkdir -p /tmp/zl-syncs && cp -r src benchmarks tests /tmp/zl-syncs/ \
     && (cd /tmp/zl-syncs && patch -s -p1 < benchmarks/patches/host-syncs.patch \
-    && python3 benchmarks/perf_3b.py --out "$OUT/perfs" --work /tmp/zoomless-perf3b-s --parts train \
+    && python3 benchmarks/perf_3b.py --out "$RES/perfs" --work /tmp/zoomless-perf3b-s --parts train \
     --variants "$VARIANTS_SYNCS" --time-budget $((left * 3 / 5)) $EXTRA \
     2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn" | tail -40)
+  pack
 fi
 left=$((TOTAL - SECONDS))
 if [ "$SECOND" = 1 ] && [ "$left" -gt 60 ]; then
-  python3 benchmarks/perf_3b.py --out "$OUT/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
+  python3 benchmarks/perf_3b.py --out "$RES/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
     --micro 16 --variants "$VARIANTS4" --no-profile --time-budget "$left" $EXTRA \
     2>&1 | grep -v -E "UserWarning|warnings.warn" | tail -20
 fi
-tar cf "$OUT/perf.tar" -C "$OUT" $(cd "$OUT" && ls -d perf1 perfs perf4 2>/dev/null) && rm -rf "$OUT/perf1" "$OUT/perfs" "$OUT/perf4"
+pack
