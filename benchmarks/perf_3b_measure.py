@@ -118,8 +118,9 @@ def step_flops(
 ) -> dict[str, float]:
     """Model FLOPs of one step (`model`) and its split by part, and what the hardware does besides
     (`recompute`): the activation-checkpoint recompute (one more forward of the trained layers,
-    head excluded; `checkpointing` is the share of decoder layers checkpointed, True for all) and, with `shared_images`, the images encoded again because the rollouts of one
-    prompt span several forwards of `micro` sequences. With `shared_images` the model FLOPs count
+    head excluded; `checkpointing` is the share of decoder layers checkpointed, True for all) and,
+    with `shared_images`, the images encoded again because the rollouts of one prompt span several
+    forwards of `micro` sequences. With `shared_images` the model FLOPs count
     the vision tower once per distinct image of each list (`trained`, `forward_only`); without,
     once per sequence, as stock transformers runs it."""
     parts = dict.fromkeys(("lm_linear", "lm_attention", "lm_head", "vision_linear", "vision_attention"), 0.0)
