@@ -8,6 +8,7 @@ folder is on sys.path, also under `accelerate launch`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,62 +24,103 @@ import torch
 from zoomless.engines.base import Generation
 
 ROOT = Path(__file__).resolve().parents[1]
-# The real Qwen2.5-VL-3B sizes (config.json of the released checkpoint), randomly initialised.
+# The real sizes (config.json of the released checkpoints), randomly initialised.
 QWEN25_VL_3B = dict(
     vocab=151936, vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
     fullatt_blocks=[7, 15, 23, 31], text_layers=36, text_hidden=2048, text_heads=16, text_kv_heads=2,
     text_intermediate=11008, tie_embeddings=True,
 )
-SHAPES = ("test", "small", "base", "qwen2.5-vl-3b")
+QWEN3_VL_4B = dict(  # Qwen3-VL-4B-Instruct
+    vocab=151936, vision_depth=24, vision_hidden=1024, vision_heads=16, vision_intermediate=4096,
+    deepstack_indexes=[5, 11, 17], position_embeddings=2304, text_layers=36, text_hidden=2560, text_heads=32,
+    text_kv_heads=8, text_head_dim=128, mrope_section=[24, 20, 20], text_intermediate=9728, tie_embeddings=True,
+)
+REAL_SHAPES = {"qwen2.5-vl-3b": ("qwen2_5_vl", QWEN25_VL_3B), "qwen3-vl-4b": ("qwen3_vl", QWEN3_VL_4B)}
+SHAPES = ("test", "small", "base", *REAL_SHAPES)  # the first three: tiny sizes (zoomless.models.tiny)
 
 
 # ----------------------------------------------------------------------------- model and data
 
 
-def build_model(out: Path, shape: str, seed: int = 0) -> Path:
-    """A randomly initialised Qwen2.5-VL directory of `shape` (a tiny size, or the real 3B sizes),
-    with the offline tokenizer and processor; reused when it already exists."""
+def shape_family(shape: str, family: str = "qwen2_5_vl") -> str:
+    """The model family of `shape`: a real shape's own, `family` for a tiny size."""
+    return REAL_SHAPES[shape][0] if shape in REAL_SHAPES else family
+
+
+def build_model(out: Path, shape: str, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    """A randomly initialised Qwen-VL directory of `shape` (a tiny size of `family`, or a real
+    model's sizes), with the offline tokenizer and processor; reused when it already exists."""
     from zoomless.models import tiny
 
+    family = shape_family(shape, family)
     if (out / "config.json").exists():
+        check_reused(out, shape, family)
         return out
-    if shape != "qwen2.5-vl-3b":
-        return tiny.build_tiny_vlm(out, family="qwen2_5_vl", size=shape, seed=seed)
-    return build_3b_shaped(out, seed)
+    if shape not in REAL_SHAPES:
+        return tiny.build_tiny_vlm(out, family=family, size=shape, seed=seed)
+    return build_shaped(out, shape, seed)
 
 
-def qwen25_vl_3b_config(tokenizer: Any) -> Any:
-    """The Qwen2.5-VL-3B architecture (sizes above) wired to `tokenizer`'s special token ids."""
+def check_reused(out: Path, shape: str, family: str) -> None:
+    """Refuse a model directory left by a run of another shape (the work folders are reused)."""
     from zoomless.models import tiny
 
-    s = QWEN25_VL_3B
+    text = json.loads((out / "config.json").read_text())
+    s = REAL_SHAPES[shape][1] if shape in REAL_SHAPES else dataclasses.asdict(tiny.SIZES[shape])
+    found = (text.get("model_type"), text["text_config"]["hidden_size"], text["text_config"]["num_hidden_layers"])
+    if found != (family, s["text_hidden"], s["text_layers"]):
+        raise ValueError(f"{out} holds a {found[0]} model of hidden size {found[1]} and {found[2]} layers, not {shape} "
+                         f"({family}): remove it or pass another --work")
+
+
+def shaped_config(shape: str, tokenizer: Any) -> Any:
+    """The architecture of a real shape (sizes above) wired to `tokenizer`'s special token ids."""
+    from zoomless.models import tiny
+
+    family, s = REAL_SHAPES[shape]
     size = tiny.TinySize(
         s["vocab"], s["vision_depth"], s["vision_hidden"], s["vision_heads"], s["text_layers"], s["text_hidden"],
         s["text_heads"], s["text_kv_heads"], s["text_intermediate"], tie_embeddings=s["tie_embeddings"],
     )
-    tiny.SIZES.setdefault("qwen2.5-vl-3b", size)
-    config = tiny.make_config("qwen2_5_vl", "qwen2.5-vl-3b", tokenizer)
+    tiny.SIZES.setdefault(shape, size)
+    config = tiny.make_config(family, shape, tokenizer)
     config.text_config.vocab_size = s["vocab"]  # rows past the tokenizer's length are never sampled
     config.vision_config.intermediate_size = s["vision_intermediate"]
-    config.vision_config.fullatt_block_indexes = s["fullatt_blocks"]
+    if family == "qwen2_5_vl":
+        config.vision_config.fullatt_block_indexes = s["fullatt_blocks"]
+    else:  # Qwen3's head_dim is not hidden / heads (make_config's: 80 at 4B) but 128
+        config.text_config.head_dim = s["text_head_dim"]
+        config.text_config.rope_parameters["mrope_section"] = s["mrope_section"]
+        config.vision_config.num_position_embeddings = s["position_embeddings"]
+        config.vision_config.deepstack_visual_indexes = s["deepstack_indexes"]
     return config
 
 
-def build_3b_shaped(out: Path, seed: int = 0) -> Path:
-    """Random Qwen2.5-VL-3B-shaped weights (initialised on the GPU when there is one, saved in bf16:
+def model_class(config: Any) -> Any:
+    """The HF model class of a Qwen2.5-VL or Qwen3-VL config."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    return {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}[
+        config.model_type]
+
+
+def build_shaped(out: Path, shape: str, seed: int = 0) -> Path:
+    """Random weights of a real shape (initialised on the GPU when there is one, saved in bf16:
     training loads them in fp32)."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
 
     from zoomless.models import tiny
     from zoomless.models import tokenizer as tk
 
+    family = REAL_SHAPES[shape][0]
     tokenizer = tk.build_tokenizer(4096)
-    processor = tiny.make_processor("qwen2_5_vl", tokenizer, 28 * 28 * 4, 896 * 896)
-    config = qwen25_vl_3b_config(tokenizer)
+    unit = tiny.PATCH_SIZE[family] * 2  # a merged token's side in pixels
+    processor = tiny.make_processor(family, tokenizer, unit * unit * 4, 896 * 896)
+    config = shaped_config(shape, tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+        model = model_class(config)(config).to(torch.bfloat16)
     eos, pad = tokenizer.convert_tokens_to_ids(tk.IM_END), tokenizer.convert_tokens_to_ids(tk.ENDOFTEXT)
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
     model.save_pretrained(out)
@@ -90,11 +132,9 @@ def build_3b_shaped(out: Path, seed: int = 0) -> Path:
 
 
 def parameter_count(config: Any) -> int:
-    """Parameters of a Qwen2.5-VL config, counted on the meta device (nothing allocated)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """Parameters of a Qwen-VL config, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = model_class(config)(config)
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 

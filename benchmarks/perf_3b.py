@@ -1,9 +1,11 @@
-"""Performance at the Qwen2.5-VL-3B shape on one GPU (issue 9): training steps, rollout generation,
-single pass vs the tool loop. Random weights of the real sizes; nothing is downloaded.
+"""Performance at the Qwen2.5-VL-3B shape (or Qwen3-VL-4B's, `--shape qwen3-vl-4b`) on one GPU
+(issue 9): training steps, rollout generation, single pass vs the tool loop. Random weights of the
+real sizes; nothing is downloaded.
 
     # one H100 80GB, about 7 minutes; JSON, a markdown table and the profiles land in OUT
     PYTHONPATH=src python benchmarks/perf_3b.py --out OUT
-    # CPU smoke test of every part on a tiny model (under a minute)
+    # CPU smoke test of every part on a tiny model (under a minute); with --shape qwen3-vl-4b, a
+    # tiny Qwen3-VL
     PYTHONPATH=src python benchmarks/perf_3b.py --out /tmp/perf --tiny
 
 Parts (`--parts`, each in its own process so that one's memory or failure does not reach the next):
@@ -116,7 +118,7 @@ def prepare(a: argparse.Namespace) -> None:
     is exactly one batch of prompts, so every training step runs the same sequences."""
     p = paths(a)
     t0 = time.perf_counter()
-    dc.build_model(p["model"], a.shape)
+    dc.build_model(p["model"], a.shape, family=a.family)
     data = dc.build_data(p["data"], max(a.prompts, a.tool_samples, 8), a.image_size)
     lines = data.read_text().splitlines()[: a.prompts]
     p["train_data"].write_text("".join(line + "\n" for line in lines))
@@ -351,7 +353,7 @@ def fmt(x: Any, spec: str = ".0f") -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     d = results["device"]
-    lines = [f"# perf_3b: {results['shape']} on {d['device']}", "",
+    lines = [f"# perf_3b: {results['shape']} ({results.get('family', 'qwen2_5_vl')}) on {d['device']}", "",
              f"torch {d['torch']}, transformers {d['transformers']}; peak {fmt(d.get('peak_tflops'))} TFLOP/s bf16, "
              f"{fmt(d.get('bandwidth_tbs'), '.2f')} TB/s; probes: matmul {fmt(d.get('probe_matmul_tflops'))} TFLOP/s, "
              f"copy {fmt(d.get('probe_copy_tbs'), '.2f')} TB/s", ""]
@@ -427,11 +429,14 @@ def profile_line(what: str, p: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="results: results.json, results.md, profile_*.txt")
-    p.add_argument("--work", type=Path, default=Path("/tmp/zoomless-perf3b"), help="scratch: model, data, part JSONs")
-    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU, every part: a smoke test")
+    p.add_argument("--work", type=Path, default=None, help="scratch: model, data, part JSONs (default: "
+                   "/tmp/zoomless-perf3b, with -SHAPE for another shape than qwen2.5-vl-3b and -tiny with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="tiny model (the 'test' size of --shape's family) on the CPU, "
+                   "every part: a smoke test")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--shape", choices=dc.SHAPES, default="qwen2.5-vl-3b", help="model shape (random weights)")
-    p.add_argument("--image-size", type=int, default=896, help="ZoomWorld image side (896: 1,024 image tokens)")
+    p.add_argument("--image-size", type=int, default=896,
+                   help="ZoomWorld image side (896: 1,024 image tokens in Qwen2.5-VL, 784 in Qwen3-VL)")
     p.add_argument("--max-pixels", type=int, default=896 * 896)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="training autocast")
     p.add_argument("--prompts", type=int, default=1, help="training: prompts per step")
@@ -458,6 +463,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds for the whole run; a part still running then is stopped, its saved results kept")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # set in the child process of one part
     a = p.parse_args(argv)
+    a.family = dc.shape_family(a.shape)
+    a.work = a.work or Path("/tmp/zoomless-perf3b" + ("" if a.shape == "qwen2.5-vl-3b" else f"-{a.shape}"))
     if a.tiny:
         a.shape, a.image_size, a.max_pixels, a.prompts, a.rollouts, a.response_len = "test", 448, 112 * 112, 2, 2, 8
         a.micro, a.nogc_micro, a.steps, a.gen_batches, a.gen_tokens = 2, 2, 1, "1,2", 4
@@ -486,7 +493,8 @@ def main() -> None:
     info = device_info(a)
     (a.work / "device.json").write_text(json.dumps(info))
     print(f"[setup] {info}", flush=True)
-    results: dict[str, Any] = {"shape": a.shape, "device": info, "args": {k: str(v) for k, v in vars(a).items()}}
+    results: dict[str, Any] = {"shape": a.shape, "family": a.family, "device": info,
+                               "args": {k: str(v) for k, v in vars(a).items()}}
     for part in a.parts:
         left = a.time_budget - (time.perf_counter() - t0) if a.time_budget else None
         if left is not None and left < 10:

@@ -1,15 +1,21 @@
 """What perf_3b.py counts and how it reads a profile: model FLOPs and decode bytes of a Qwen2.5-VL
-config, and a summary of one torch.profiler run.
+or Qwen3-VL config, and a summary of one torch.profiler run.
 
 What one forward of one sequence costs (multiply-adds count 2 FLOPs):
-- language model: 2 x (decoder matmul weights) per token, over every token of the sequence (image
-  tokens included, padding not); causal attention 2 x S^2 x (heads x head_dim) per layer (QK^T and
-  AV, half the square each); the LM head 2 x hidden x vocab only where logits are needed (the
-  response positions: zoomless never forms the others).
-- vision tower: 2 x (patch embedding + block matmul weights) per patch, plus the merger MLP per
-  merged token; attention 4 x L^2 x hidden per block over each attended segment (the 112 px windows
-  in windowed blocks, the whole image in `fullatt_block_indexes` blocks).
-Norms, rotary embeddings, activations and softmaxes are left out (a few percent at this shape).
+- language model: 2 x (decoder matmul weights: q, k, v, o, gate, up, down) per token, over every
+  token of the sequence (image tokens included, padding not); causal attention 2 x S^2 x (heads x
+  head_dim) per layer (QK^T and AV, half the square each); the LM head 2 x hidden x vocab only where
+  logits are needed (the response positions: zoomless never forms the others). Qwen3's heads x
+  head_dim differs from its hidden size (4B: 32 x 128 against 2,560): q and o count heads x head_dim.
+- vision tower: 2 x (patch embedding + block matmul weights) per patch, plus each patch merger's MLP
+  per merged token; attention 4 x L^2 x hidden per block over each attended segment.
+  Qwen2.5-VL: gated MLP (gate, up, down: 3 x hidden x intermediate); attention over the 112 px
+  windows in windowed blocks, over the whole image in `fullatt_block_indexes` blocks; one merger.
+  Qwen3-VL: plain MLP (fc1, fc2: 2 x hidden x intermediate); every block attends over the whole
+  image; the merger plus one "deepstack" merger per `deepstack_visual_indexes` block (same shape;
+  their outputs are added to the first decoder layers' image positions, an addition).
+Norms (Qwen3's q/k norms too), rotary embeddings, Qwen3-VL's interpolated position embeddings,
+activations and softmaxes are left out (a few percent at these shapes).
 A training step counts 3 forwards (forward + backward) for what is trained and 1 for what only runs
 forward (the teacher, a frozen tower). The vision tower counts once per distinct image of the
 student's batch and once per distinct image of the teacher's where the step shares images
@@ -55,6 +61,12 @@ def decoder_matmul_params(config: Any) -> int:
     return per_layer * d["layers"]
 
 
+def windowed(config: Any) -> bool:
+    """Whether the vision tower attends within windows in some blocks (Qwen2.5-VL), not over the
+    whole image in all of them (Qwen3-VL)."""
+    return config.model_type == "qwen2_5_vl"
+
+
 def vision_segments(grid: tuple[int, int, int], v: Any) -> tuple[list[int], list[int]]:
     """Attention segment lengths (patches) of one image: its windows, and the whole image."""
     t, h, w = grid
@@ -72,13 +84,19 @@ def vision_forward(config: Any, grid: tuple[int, int, int]) -> dict[str, float]:
     patches = t * h * w
     d, inter, m2 = v.hidden_size, v.intermediate_size, v.spatial_merge_size**2
     embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * d
-    block = 4 * d * d + 3 * d * inter  # qkv, proj, gate/up/down
+    if windowed(config):
+        block = 4 * d * d + 3 * d * inter  # qkv, proj, gate/up/down
+        windows, full = vision_segments(grid, v)
+        full_blocks = len(v.fullatt_block_indexes)
+        square = full_blocks * sum(n * n for n in full) + (v.depth - full_blocks) * sum(n * n for n in windows)
+        mergers = 1
+    else:
+        block = 4 * d * d + 2 * d * inter  # qkv, proj, fc1/fc2
+        square = v.depth * t * (h * w) ** 2  # each frame attends over itself
+        mergers = 1 + len(v.deepstack_visual_indexes)
     merger = (d * m2) ** 2 + d * m2 * v.out_hidden_size
-    windows, full = vision_segments(grid, v)
-    full_blocks = len(v.fullatt_block_indexes)
-    attn = 4 * d * (full_blocks * sum(n * n for n in full) + (v.depth - full_blocks) * sum(n * n for n in windows))
-    return {"vision_linear": 2.0 * patches * (embed + v.depth * block) + 2.0 * patches / m2 * merger,
-            "vision_attention": float(attn)}
+    return {"vision_linear": 2.0 * patches * (embed + v.depth * block) + 2.0 * patches / m2 * mergers * merger,
+            "vision_attention": 4.0 * d * square}
 
 
 def lm_forward(config: Any, tokens: int, head_tokens: int, causal: bool = True) -> dict[str, float]:

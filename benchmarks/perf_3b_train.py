@@ -4,9 +4,9 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
 
   fp32 weights + bf16 autocast, activation checkpointing (the project's training defaults):
     hf-plain      stock transformers forward + backward on the same sequences: the labels loss over
-                  full logits, HF's per-window vision attention, every sequence's image encoded; no
-                  optimizer step (the reference). Every other variant encodes each image once per
-                  micro-batch (zoomless.train.shared_images)
+                  full logits, HF's vision attention (a call per window or image), every sequence's
+                  image encoded; no optimizer step (the reference). Every other variant encodes each
+                  image once per micro-batch (zoomless.train.shared_images)
     opd           a Vision-OPD step (`opd_step`); the teacher is the live student (the same
                   forward on the crop, without the 15 GB fp32 EMA copy, so that it fits 80 GB)
     grpo          a GRPO step (`grpo_step`)
@@ -25,7 +25,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
     opd-bf16-nogc-frozen-vision (vision tower not trained: no vision backward; changes the recipe),
     opd-bf16-aligned       the vision MLP zero-padded from 3,420 to 3,456 units (`align_vision_mlp`:
                            the same function and gradients; bf16 GEMMs whose sizes are not a
-                           multiple of 8 run on slow kernels),
+                           multiple of 8 run on slow kernels; Qwen3-VL-4B's 4,096 is left as is, so
+                           there it is opd-bf16 again),
     opd-bf16-aligned-fused as opd-bf16-aligned with torch's fused AdamW (one kernel per step)
     opd-bf16-aligned-fused-compiled  as opd-bf16-aligned-fused with each block compiled
                            (`zoomless.models.compiled`; its warm-up step compiles)
@@ -164,23 +165,30 @@ def drop_master_weights(run: Any, optimizer: Any) -> None:
     free_memory(run)
 
 
+def vision_mlp_linears(mlp: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
+    """A vision MLP's input projections and its output one: Qwen2.5-VL's gated MLP (gate, up; down)
+    or Qwen3-VL's plain one (fc1; fc2)."""
+    if hasattr(mlp, "up_proj"):
+        return [mlp.gate_proj, mlp.up_proj], mlp.down_proj
+    return [mlp.linear_fc1], mlp.linear_fc2
+
+
 @torch.no_grad()
 def align_vision_mlp(model: nn.Module, multiple: int = 64) -> int:
     """Zero-pad every vision MLP's intermediate size to a multiple of `multiple` (3,420 -> 3,456 at
-    the 3B shape), in place. A padded unit computes act(0) * 0 = 0 and gets zero gradients (the
-    down projection's padded columns are zero), so outputs, losses and updates are unchanged.
-    Returns the new size."""
+    the 3B shape; Qwen3-VL-4B's 4,096 stays), in place. A padded unit computes act(0) = 0 (SiLU,
+    GELU) and its output column is zero, so it gets zero gradients; outputs, losses and updates are
+    unchanged. Returns the new size."""
     size = 0
     for block in model.model.visual.blocks:
-        mlp = block.mlp
-        inter = mlp.up_proj.out_features
+        ins, down = vision_mlp_linears(block.mlp)
+        inter = down.in_features
         size = inter + (-inter) % multiple
-        for lin in (mlp.gate_proj, mlp.up_proj):
+        for lin in ins:
             lin.weight.data = torch.cat([lin.weight, lin.weight.new_zeros(size - inter, lin.in_features)])
             if lin.bias is not None:
                 lin.bias.data = torch.cat([lin.bias, lin.bias.new_zeros(size - inter)])
             lin.out_features = size
-        down = mlp.down_proj
         down.weight.data = torch.cat([down.weight, down.weight.new_zeros(down.out_features, size - inter)], dim=1)
         down.in_features = size
     return size
