@@ -444,7 +444,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-len", type=int, default=256, help="training: tokens per response (plus the answer)")
     p.add_argument("--micro", type=int, default=8, help="training: sequences per forward/backward")
     p.add_argument("--nogc-micro", type=int, default=2, help="without checkpointing, first try (halved on OOM)")
-    p.add_argument("--uncheckpointed", type=int, default=16,
+    p.add_argument("--uncheckpointed", type=int, default=24,
                    help="opd-master-compiled-keep: decoder layers without checkpointing, first try (halved on OOM)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)

@@ -4,13 +4,14 @@
 # steps, on one GPU, at the Qwen2.5-VL-3B shape.
 #   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_env.sh says how to make it)
 # A: 1 prompt x 8 rollouts (the shape of the earlier tables), Vision-OPD and GRPO steps with bf16
-#    weights + fp32 masters, eager, compiled in parts (as measured on 2026-12-07) and compiled with
-#    whole decoder layers, with profiles (VARIANTS= picks others, such as
+#    weights + fp32 masters, eager, compiled in parts (as measured on 2026-12-07), compiled with
+#    whole decoder layers, and compiled with the last decoder layers not checkpointed
+#    (opd-master-compiled-keep), with profiles (VARIANTS= picks others, such as
 #    hf-plain,opd,opd-bf16,opd-bf16-aligned-fused-compiled). B: 4 prompts x 8 rollouts in
 #    micro-batches of 16, eager vs compiled (VARIANTS4=): do larger kernels (fewer launches per
 #    token) lift MFU? SYNCS=1: the same steps with 200 of 245 host syncs removed (see below).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
-# $OUT/perf.tar (a call returns at most 8 files).
+# $OUT/perf.tar (a call returns at most 8 files), packed again after each run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
