@@ -154,9 +154,11 @@ def test_opd_with_bf16_weights_saves_averages_and_resumes_from_the_masters(asset
     assert jsd[0] == jsd[1]
 
 
-def test_bf16_weights_need_bf16_compute(assets, tmp_path) -> None:
+def test_keys_that_need_another_say_so(assets, tmp_path) -> None:
     with pytest.raises(ValueError, match="bf16_weights computes in bf16"):
         _cfg(assets, tmp_path, dtype="float32", bf16_weights=True)
+    with pytest.raises(ValueError, match="set gradient_checkpointing: true too"):
+        _cfg(assets, tmp_path, uncheckpointed_layers=2)
 
 
 class InjectVisionToken:

@@ -68,6 +68,13 @@ class TrainConfig(BaseModel):
             raise ValueError("bf16_weights computes in bf16: leave dtype at auto or bfloat16")
         return self
 
+    @model_validator(mode="after")
+    def _uncheckpointed_layers_need_checkpointing(self) -> "TrainConfig":
+        if self.uncheckpointed_layers and not self.gradient_checkpointing:
+            raise ValueError("uncheckpointed_layers keeps some layers out of gradient_checkpointing: "
+                             "set gradient_checkpointing: true too")
+        return self
+
     @field_validator("data", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
