@@ -1,5 +1,7 @@
 """Host time of a training forward+backward at the 3B *depth* with tiny widths, on the CPU: eager,
-compiled block parts, compiled whole decoder layers (zoomless.models.compiled).
+compiled block parts, compiled whole decoder layers with vision blocks in parts, compiled whole
+decoder layers and vision blocks (zoomless.models.compiled; the variants' `compile_blocks` arguments
+are in VARIANTS).
 
 At the Qwen2.5-VL-3B shape the compiled GPU step is bound by the host: the GPU is busy 67% of it
 (docs/PERFORMANCE.md). What the host does per step grows with the number of blocks called, not
@@ -8,7 +10,7 @@ with their width, so a model of the 3B's depth (36 decoder layers, 32 vision blo
 a proxy, on any machine, for how much host work each way of compiling leaves. It is not a GPU
 timing: there is no kernel launch here, and inductor's CPU kernels are not its CUDA ones.
 
-    PYTHONPATH=src python benchmarks/host_overhead.py --out /tmp/host   # about a minute on 2 cores
+    PYTHONPATH=src python benchmarks/host_overhead.py --out /tmp/host   # about two minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ from zoomless.world.generate import generate_split
 
 # the 3B's depth (36 decoder layers, 32 vision blocks) at the test size's widths
 DEEP_NARROW = tiny.TinySize(2000, 32, 64, 2, 36, 64, 4, 2, 256, tie_embeddings=False)
+# name: compile_blocks' keyword arguments (None: eager)
+VARIANTS = {
+    "eager": None,
+    "compiled-parts": {"whole": False},
+    "compiled-whole": {"whole": True, "whole_vision": False},  # vision attention eager, their MLP and norms compiled
+    "compiled-whole-vision": {"whole": True, "whole_vision": True},  # compile_blocks' default
+}
 
 
 def batch(processor, work: Path, rollouts: int, response: int):
@@ -60,6 +69,7 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=8)
     p.add_argument("--response", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -73,8 +83,9 @@ def main() -> None:
     model.train()
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": int(b.inputs["input_ids"].numel()),
                "variants": {}}
-    for name, whole in (("eager", None), ("compiled-parts", False), ("compiled-whole", True)):
-        blocks = compile_blocks(model, whole) if whole is not None else []
+    for name in a.variants:
+        kwargs = VARIANTS[name]
+        blocks = compile_blocks(model, **kwargs) if kwargs is not None else []
         time_steps(model, b, 2)  # warm-up (compiles)
         times = time_steps(model, b, a.steps)
         results["variants"][name] = {"median_s": statistics.median(times), "min_s": min(times),

@@ -54,7 +54,7 @@ GEN_VARIANTS = {  # HFEngine options
     "static": {"cache_implementation": "static", "compile": False},
     "static+compile": {"cache_implementation": "static"},  # transformers compiles the decode step on CUDA
 }
-TRAIN_VARIANTS = ("hf-plain", "opd", "grpo", "opd-compiled", "opd-master", "grpo-master", "opd-master-compiled-parts",
+TRAIN_VARIANTS = ("hf-plain", "opd", "grpo", "opd-compiled", "opd-master", "grpo-master", "opd-master-compiled-parts", "opd-master-compiled-layers",
                   "opd-master-compiled", "grpo-master-compiled", "opd-master-compiled-keep", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
                   "opd-bf16-nogc-frozen-vision", "opd-bf16-aligned", "opd-bf16-aligned-fused",
                   "opd-bf16-aligned-fused-compiled")  # perf_3b_train.py runs them in this order

@@ -10,13 +10,15 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
     opd           a Vision-OPD step (`opd_step`); the teacher is the live student (the same
                   forward on the crop, without the 15 GB fp32 EMA copy, so that it fits 80 GB)
     grpo          a GRPO step (`grpo_step`)
-    opd-compiled  as opd with each block compiled (`zoomless.models.compiled`: decoder layers whole,
-                  the vision blocks' MLP and norms; its warm-up step compiles); eager again afterwards
+    opd-compiled  as opd with each block compiled (`zoomless.models.compiled`: decoder layers and
+                  vision blocks whole; its warm-up step compiles); eager again afterwards
   bf16 compute weights with fp32 master weights in the optimizer (`bf16_weights: true`, train/master.py):
     opd-master, opd-master-compiled   as opd and opd-compiled (teacher = live student)
     grpo-master, grpo-master-compiled as grpo, with bf16 weights + fp32 masters, eager and compiled
     opd-master-compiled-parts         as opd-master with each block's attention, MLP and norms compiled
                                       separately (`compile_blocks(..., whole=False)`, as before 2026-12-07)
+    opd-master-compiled-layers        as opd-master with whole decoder layers and the vision blocks in parts
+                                      (`compile_blocks(..., whole_vision=False)`, as on 2026-12-07)
     opd-master-compiled-keep          as opd-master-compiled, the last `--uncheckpointed` decoder layers
                                       keep their activations (`uncheckpointed_layers`; halved on OOM)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
@@ -449,13 +451,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     from zoomless.train.common import Timer
 
-    def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, gc_on: float = 1.0) -> None:
-        """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole)`; the first
+    def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, whole_vision: bool = True,
+                          gc_on: float = 1.0) -> None:
+        """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole, whole_vision)`; the first
         warm-up step compiles, the others reuse the graphs); the model is eager again after."""
         variants = tuple(v for v in variants if wanted(v[0]))
         if not variants:
             return
-        compiled = compile_blocks(run.model, whole)
+        compiled = compile_blocks(run.model, whole, whole_vision)
         for name, step, like in variants:
             add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
                 teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro)
@@ -475,7 +478,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
 
     # bf16 compute weights, fp32 master weights in the optimizer (`bf16_weights: true`)
     if any(wanted(v) for v in ("opd-master", "grpo-master", "opd-master-compiled-parts", "opd-master-compiled",
-                               "grpo-master-compiled")):
+                               "opd-master-compiled-layers", "grpo-master-compiled", "opd-master-compiled-keep")):
         fp32_optimizer = use_master_weights(run, cfg)
         add("opd-master", opd, "Vision-OPD step, bf16 weights + fp32 masters (bf16_weights), teacher = live student",
             teacher=True, gc_on=True, micro=a.micro)
@@ -483,6 +486,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         add("grpo-master", grpo, "GRPO step, bf16 weights + fp32 masters (bf16_weights)", teacher=False, gc_on=True,
             micro=a.micro)
         compiled_variants(("opd-master-compiled-parts", opd, "as opd-master, block parts"), whole=False)
+        compiled_variants(("opd-master-compiled-layers", opd, "as opd-master, whole decoder layers, vision block parts"),
+                          whole_vision=False)
         compiled_variants(("opd-master-compiled", opd, "as opd-master"),
                           ("grpo-master-compiled", grpo, "as grpo-master"))
         keep, layers = a.uncheckpointed, len(run.model.get_decoder().layers)

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for both runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script
-VARIANTS=${VARIANTS:-opd-master,grpo-master,opd-master-compiled-parts,opd-master-compiled,grpo-master-compiled,opd-master-compiled-keep}
+VARIANTS=${VARIANTS:-opd-master,opd-master-compiled-parts,opd-master-compiled-layers,opd-master-compiled,opd-master-compiled-keep,grpo-master,grpo-master-compiled}
 VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the second run's
 SECOND=${SECOND:-1}  # 0: no 4-prompt run
 SYNCS=${SYNCS:-0}    # 1: also VARIANTS_SYNCS with benchmarks/patches/host-syncs.patch applied (below)

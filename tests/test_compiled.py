@@ -3,11 +3,14 @@
 import copy
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 
+from zoomless.models import fast_vision as fv
 from zoomless.models.compiled import compile_blocks, uncompile_blocks
 from zoomless.models.loading import load_vlm
-from zoomless.models.tiny import build_tiny_vlm
+from zoomless.models.tiny import FAMILIES, build_tiny_vlm
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt, response_hidden
 from zoomless.train.common import enable_activation_checkpointing, pad_id, view_conversation
@@ -37,11 +40,12 @@ def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None
     blocks = compile_blocks(model)
     n = len(blocks)
     compiled = [step(x) for x in batches]
-    # decoder layers whole; vision blocks: MLP, 2 norms (their attention stays eager)
-    assert n == model.config.text_config.num_hidden_layers + 3 * model.config.vision_config.depth
+    # decoder layers and vision blocks whole (the vision attention through fast_vision's op)
+    assert n == model.config.text_config.num_hidden_layers + model.config.vision_config.depth
     assert dynamo_utils.counters["stats"]["unique_graphs"] > 0 and not dynamo_utils.counters["graph_break"]
-    # the blocks share their graphs (a 36-layer model would otherwise exceed dynamo's recompile limit)
-    assert dynamo_utils.counters["stats"]["unique_graphs"] < n
+    # the blocks of a kind share their graphs (a 36-layer model would otherwise exceed dynamo's
+    # recompile limit): one for the decoder layers, two for the vision blocks (the first gets a view)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 3
     for (h0, g0), (h1, g1) in zip(eager, compiled):
         torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
         assert g0.keys() == g1.keys()
@@ -67,6 +71,73 @@ def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None
     parts = compile_blocks(model, whole=False)
     assert len(parts) == 4 * model.config.text_config.num_hidden_layers + 3 * model.config.vision_config.depth
     uncompile_blocks(parts)
+    # whole_vision=False, or an attention the op does not take (flash): vision blocks in parts
+    # (MLP, 2 norms; the attention stays eager and falls back to HF's forward)
+    n_parts = model.config.text_config.num_hidden_layers + 3 * model.config.vision_config.depth
+    parts = compile_blocks(model, whole_vision=False)
+    assert len(parts) == n_parts
+    uncompile_blocks(parts)
+    model.config.vision_config._attn_implementation = "flash_attention_2"
+    parts = compile_blocks(model)
+    assert len(parts) == n_parts
+    uncompile_blocks(parts)
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_vision_blocks_keep_their_graphs_and_numbers_over_changing_chunk_plans(
+    tmp_path: Path, family: str, monkeypatch
+) -> None:
+    import torch._dynamo.utils as dynamo_utils
+
+    model_dir = build_tiny_vlm(tmp_path / "m", family=family, size="test")
+    model, processor = load_vlm(model_dir, dtype=torch.float32, device="cpu")
+    enable_activation_checkpointing(model)
+    model.train()
+    visual = model.model.visual
+    # other numbers of images, of Qwen2.5-VL's windows and of chunk lengths in each batch
+    sizes = [[(448, 448), (280, 196)], [(150, 90), (224, 336), (448, 448)], [(336, 336)]]
+    batches = [processor.image_processor(images=[picture(w, h, i) for i, (w, h) in enumerate(s)], return_tensors="pt")
+               for s in sizes]
+    plans = []
+    make_plan = fv._make_plan
+    monkeypatch.setattr(fv, "_make_plan", lambda *a: plans.append(tuple(a[0])) or make_plan(*a))
+
+    def step(batch):
+        fv._plans.clear()  # plans cached by an earlier test or step would hide this step's
+        plans.clear()
+        model.zero_grad()
+        out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        g = torch.Generator().manual_seed(1)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in visual.named_parameters() if p.grad is not None}
+        return out.detach(), grads, list(plans)
+
+    eager = [step(b) for b in batches]
+    assert len({frozenset(e[2]) for e in eager}) == len(batches)  # each batch cuts its sequence its own way
+    torch._dynamo.reset()  # graphs of an earlier test's vision blocks would serve these
+    dynamo_utils.counters.clear()
+    blocks = compile_blocks(model)
+    assert sum(type(b).__name__ in model._no_split_modules for b in blocks) == len(blocks)  # all whole
+    graphs, compiled = [], []
+    for b in batches:
+        compiled.append(step(b))
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    # no graph per plan (two at most: the first block gets a view); the op plans on the host once
+    # per cu_seqlens tensor and step, its backward included, as the eager forward does
+    assert graphs == [graphs[0]] * len(batches) and 0 < graphs[0] <= 2 and not dynamo_utils.counters["graph_break"]
+    assert [c[2] for c in compiled] == [e[2] for e in eager]
+    assert all(len(e[2]) == (2 if family == "qwen2_5_vl" else 1) for e in eager)  # windows, whole images
+    for (h0, g0, _), (h1, g1, _) in zip(eager, compiled):
+        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
+        assert g0.keys() == g1.keys() and any(".attn.qkv." in name for name in g0)
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], atol=1e-3 * float(g0[name].abs().max()), rtol=1e-3, msg=name)
+    uncompile_blocks(blocks)
 
 
 def test_uncheckpointed_layers_skip_the_recompute_and_keep_the_gradients(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import types
 
 import pytest
 import torch
@@ -111,6 +112,28 @@ def test_grouped_attention_makes_one_call_per_length():
         if b > a:
             ref = attend(q[None, a:b].transpose(1, 2), k[None, a:b].transpose(1, 2), v[None, a:b].transpose(1, 2))[0]
             torch.testing.assert_close(out[a:b], ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_compiled_path_op_gives_the_eager_numbers(attn):
+    """The op torch.compile sees (`grouped_vision_attention`: fake shapes, a backward that recomputes)
+    gives the eager grouping's outputs and gradients to the bit."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf
+
+    g = torch.Generator().manual_seed(0)
+    bounds = torch.tensor([0, 5, 9, 14, 14, 16, 21, 25], dtype=torch.int32)
+    q, k, v = (torch.randn(25, 3, 8, generator=g, requires_grad=True) for _ in range(3))
+    args = (attn, hf.__name__, 8**-0.5, 0.0, False)
+    checks = torch.library.opcheck(fv.grouped_vision_attention, (q, k, v, bounds, *args))
+    assert set(checks.values()) == {"SUCCESS"}
+    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=False, training=False)
+    outs = [fv.grouped_vision_attention(q, k, v, bounds, *args),
+            fv.grouped_attention(q, k, v, fv.chunk_plan(bounds, 25), fv._attend(module, *args))]
+    w = torch.randn(outs[0].shape, generator=g)
+    grads = [torch.autograd.grad((o * w).sum(), (q, k, v)) for o in outs]
+    assert torch.equal(outs[0], outs[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError):  # HF's forward fails on such cuts too
+        fv.grouped_vision_attention(q, k, v, torch.tensor([0, 5, 24]), *args)
 
 
 def test_chunk_plan_rejects_cuts_that_do_not_tile_the_sequence():

@@ -11,28 +11,43 @@ Inside it, the `kernels` package (transformers' hub kernels) sets a context vari
 layer's forward; a checkpoint would replay that in the backward, and dynamo refuses such side
 effects unless told to skip them (harmless here: the variable is set and reset within the
 forward). Older ones (5.17) checkpoint in `__call__`, around the compiled forward, which the
-backward then runs again. Blocks with a
-`fast_vision` attention (it plans its batching in Python) keep that attention eager and compile
-their other parts (MLP, norms). Shapes are dynamic (sequence lengths change every step), and all
-blocks of a kind share one graph per grad mode: modules are graph inputs, not constants. Decoder
-layers run eagerly when generating (a KV cache, one token per call).
+backward then runs again.
+
+Vision blocks are compiled whole too: their `fast_vision` attention plans its batching in Python
+from cu_seqlens' values, so under compile it is one opaque op (`grouped_vision_attention`) that
+plans at run time, and a batch's plan neither breaks the graph nor recompiles it. Where that op
+does not apply (flash attention, attention dropout) or with `whole_vision=False`, a vision block
+keeps its attention eager and compiles its other parts (MLP, norms). Shapes are dynamic (sequence
+lengths change every step), and all blocks of a kind share their graphs, one per grad mode and
+training flag (two for vision blocks: the tower's first block gets a view as input): modules are
+graph inputs, not constants. Blocks run eagerly when generating (a KV cache, one token per call).
 """
 
 from __future__ import annotations
 
 import functools
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from zoomless.models.fast_vision import PATCHED
+from zoomless.models.fast_vision import PATCHED, compiles_whole
 
 
-@torch.compile(dynamic=True)
-def _compiled_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _call_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # the class's forward (checkpointing wrapper included), not the instance attribute set below
     return type(block).forward(block, *args, **kwargs)
+
+
+@functools.cache
+def _compiled_forward(kind: type) -> Callable[..., Any]:
+    """`_call_forward` compiled for the blocks of one class, under a code object of its own: dynamo
+    counts its recompile limit (8) per code object, and a kind takes one or two graphs per grad
+    mode and training flag (a vision tower's first block gets a view as input)."""
+    code = _call_forward.__code__.replace(co_name=f"compiled_{kind.__name__}")
+    return torch.compile(types.FunctionType(code, globals()), dynamic=True)
 
 
 def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -40,27 +55,30 @@ def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     eager when generating: a KV cache and one new token per call would recompile it every step."""
     if kwargs.get("use_cache") or torch.is_inference_mode_enabled():
         return type(block).forward(block, *args, **kwargs)
-    return _compiled_block(block, *args, **kwargs)
+    return _compiled_forward(type(block))(block, *args, **kwargs)
 
 
-def compile_blocks(model: nn.Module, whole: bool = True) -> list[nn.Module]:
+def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = True) -> list[nn.Module]:
     """Compile each repeated block (`model._no_split_modules`: the decoder layers and the vision
-    blocks of HF's VLMs) in place: whole, or its parts where its attention is `fast_vision`'s (or
-    everywhere with `whole=False`, as before 2026-12-07: benchmarks/perf_3b_train.py compares the
-    two). Calling it again (on a copy of a compiled model, say) compiles the copy's own blocks.
-    Returns the modules compiled."""
+    blocks of HF's VLMs) in place: whole, or its parts (MLP, norms) where its `fast_vision`
+    attention cannot go through the compiled op (flash attention, attention dropout) or where
+    `whole_vision=False`, or everywhere with `whole=False` (as before 2026-12-07):
+    benchmarks/perf_3b_train.py and benchmarks/host_overhead.py compare them. Calling it
+    again (on a copy of a compiled model, say) compiles the copy's own blocks. Returns the modules
+    compiled."""
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see the module docstring
     kinds = set(getattr(model, "_no_split_modules", None) or ())
     compiled = []
     for block in [m for m in model.modules() if type(m).__name__ in kinds]:
-        if not whole or any(getattr(m, PATCHED, False) for m in block.modules()):
+        patched = [m for m in block.modules() if getattr(m, PATCHED, False)]
+        if whole and (not patched or whole_vision and all(compiles_whole(m) for m in patched)):
+            block.forward = functools.partial(_block_forward, block)
+            compiled.append(block)
+        else:
             for part in block.children():
                 if not getattr(part, PATCHED, False):
                     part.compile(dynamic=True)
                     compiled.append(part)
-        else:
-            block.forward = functools.partial(_block_forward, block)
-            compiled.append(block)
     return compiled
 
 

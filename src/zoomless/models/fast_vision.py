@@ -14,6 +14,12 @@ The patch is per instance (the class is untouched) and falls back to HF's own fo
 flash attention (already varlen) or any other backend, and when the inputs are not as expected.
 On the CPU the numbers are HF's to the bit; on a GPU the batched call skips cuDNN attention (see
 GPU_BACKENDS), so they match HF's to the rounding of the attention kernel.
+
+Under torch.compile (`compiled.compile_blocks` compiles vision blocks whole) the grouping runs
+inside a custom op, `grouped_vision_attention`: dynamo sees only its output's shape, and the op
+plans at run time (same cache, same numbers), so the rest of the block traces into one graph that
+no plan recompiles. Its backward recomputes the attention. Eager, the forward groups directly, as
+above. Compiled, cu_seqlens that do not tile the sequence raise instead of falling back.
 """
 
 from __future__ import annotations
@@ -117,6 +123,20 @@ def _plain_layout(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: to
     )
 
 
+def _attend(
+    module, implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool, **kwargs,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """HF's attention function for `implementation` as `grouped_attention`'s `attend`."""
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, sys.modules[hf_module].eager_attention_forward)
+
+    def attend(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(GPU_BACKENDS) if qb.is_cuda else contextlib.nullcontext():
+            return interface(module, qb, kb, vb, attention_mask=None, scaling=scaling, dropout=dropout,
+                             is_causal=is_causal, **kwargs)[0]
+
+    return attend
+
+
 def _grouped_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -129,24 +149,98 @@ def _grouped_forward(
     if not _plain_layout(self, hidden_states, cu_seqlens, position_embeddings):
         return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
     seq = hidden_states.shape[0]
-    plan = chunk_plan(cu_seqlens, seq)
-    if plan is None:
-        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    plan = None
+    if not torch.compiler.is_compiling():  # compiled, the op plans (at run time)
+        plan = chunk_plan(cu_seqlens, seq)
+        if plan is None:
+            return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     hf = sys.modules[type(self).__module__]
     cos, sin = position_embeddings
     q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
-
-    def attend(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
-        with sdpa_kernel(GPU_BACKENDS) if qb.is_cuda else contextlib.nullcontext():
-            return interface(
-                self, qb, kb, vb, attention_mask=None, scaling=self.scaling,
-                dropout=0.0 if not self.training else self.attention_dropout, is_causal=False, **kwargs,
-            )[0]
-
-    out = grouped_attention(q, k, v, plan, attend)
+    args = (self.config._attn_implementation, hf.__name__, self.scaling,
+            0.0 if not self.training else self.attention_dropout, False)
+    if plan is None:  # kwargs (use_cache, ...) are nothing the batchable attention functions read
+        out = grouped_vision_attention(q, k, v, cu_seqlens, *args)
+    else:
+        out = grouped_attention(q, k, v, plan, _attend(self, *args, **kwargs))
     return self.proj(out.reshape(seq, -1).contiguous())
+
+
+# ----------------------------------------------------------------------------- under torch.compile
+# The attention as one opaque op, so that dynamo traces the rest of a vision block (qkv, rotary,
+# proj, MLP, norms) into one graph: the plan reads cu_seqlens' values on the host, which dynamo
+# cannot trace, and it changes with every batch, which a traced plan would recompile for.
+
+
+def _op_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
+) -> torch.Tensor:
+    plan = chunk_plan(cu_seqlens, q.shape[0])
+    if plan is None:  # HF's forward fails on such cuts too
+        raise ValueError("cu_seqlens does not cut the sequence into consecutive chunks")
+    # HF's attention functions read these of the module (its own carries the same)
+    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=is_causal, training=dropout > 0)
+    attend = _attend(module, implementation, hf_module, scaling, dropout, is_causal)
+    return grouped_attention(q, k, v, plan, attend).contiguous()
+
+
+@torch.library.custom_op("zoomless::grouped_vision_attention", mutates_args=())
+def grouped_vision_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
+) -> torch.Tensor:
+    """Attention within each chunk of packed [seq, heads, d] q, k, v (rotary applied) cut by
+    `cu_seqlens`, batched by chunk length; [seq, heads, d]. HF's attention function
+    `implementation` (else `hf_module`'s eager one) with these scaling, dropout and is_causal."""
+    return _op_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal)
+
+
+@grouped_vision_attention.register_fake
+def _(q, k, v, cu_seqlens, *args):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("zoomless::grouped_vision_attention_backward", mutates_args=())
+def _grouped_vision_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Recomputes the attention rather than saving what each SDPA kernel's backward needs: at the
+    # Qwen2.5-VL-3B shape the vision attention is ~2% of the tower's forward FLOPs (1% of a block
+    # with 64-token windows, 13% of a full one with 1,024-token images), next to its matmuls. A
+    # dropout mask would not be drawn again: compile_blocks compiles whole only blocks without
+    # attention dropout. torch.func.vjp, not autograd.grad: an op's implementation runs below the
+    # autograd dispatch key, where tensors record no graph.
+    _, vjp = torch.func.vjp(
+        lambda q, k, v: _op_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal),
+        q, k, v,
+    )
+    return tuple(g.contiguous() for g in vjp(grad))
+
+
+@_grouped_vision_attention_backward.register_fake
+def _(grad, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:4])
+    ctx.args = inputs[4:]
+
+
+def _backward(ctx, grad):
+    return *_grouped_vision_attention_backward(grad, *ctx.saved_tensors, *ctx.args), *(None,) * (1 + len(ctx.args))
+
+
+grouped_vision_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compiles_whole(module: nn.Module) -> bool:
+    """Whether a patched attention module goes through `grouped_vision_attention` under torch.compile
+    (else compile_blocks leaves it eager)."""
+    return module.config._attn_implementation in BATCHABLE and not module.attention_dropout
 
 
 def _patchable(module: nn.Module) -> bool:
