@@ -5,9 +5,10 @@
 #   OUT=$OUT bash benchmarks/perf_compile_gpu.sh        # carry build/wheels-gpu (gpu_env.sh says how to make it)
 # A: 1 prompt x 8 rollouts (the shape of the earlier tables), Vision-OPD and GRPO steps with bf16
 #    weights + fp32 masters, eager, compiled in parts (as measured on 2026-12-07), compiled with
-#    whole decoder layers, and compiled with the last decoder layers not checkpointed
-#    (opd-master-compiled-keep), with profiles (VARIANTS= picks others, such as
-#    hf-plain,opd,opd-bf16,opd-bf16-aligned-fused-compiled). B: 4 prompts x 8 rollouts in
+#    whole decoder layers and vision blocks in parts (opd-master-compiled-layers), compiled with
+#    whole decoder layers and vision blocks (opd-master-compiled, the default), and the same with the
+#    last decoder layers not checkpointed (opd-master-compiled-keep), with profiles (VARIANTS= picks
+#    others, such as hf-plain,opd,opd-bf16,opd-bf16-aligned-fused-compiled). B: 4 prompts x 8 rollouts in
 #    micro-batches of 16, eager vs compiled (VARIANTS4=): do larger kernels (fewer launches per
 #    token) lift MFU? SYNCS=1: the same steps with 200 of 245 host syncs removed (see below).
 # Each run stops at its time budget and keeps what it measured; everything comes back as

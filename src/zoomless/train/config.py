@@ -49,7 +49,7 @@ class TrainConfig(BaseModel):
     # with gradient_checkpointing, the last N decoder layers keep their activations instead of
     # recomputing them: less recompute for N layers' activation memory (docs/PERFORMANCE.md)
     uncheckpointed_layers: int = Field(0, ge=0)
-    # torch.compile each decoder layer whole, and the vision blocks' MLP and norms (models/compiled.py)
+    # torch.compile each decoder layer and vision block whole (models/compiled.py; docs/PERFORMANCE.md)
     compile_blocks: bool = False
     # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
     # of a bf16 model at the memory of fp32 weights; bf16 compute even on CPU; one process only
