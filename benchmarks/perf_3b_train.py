@@ -477,8 +477,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     compiled_variants(("opd-compiled", opd, "as opd"))  # the recipe's fp32 weights
 
     # bf16 compute weights, fp32 master weights in the optimizer (`bf16_weights: true`)
-    if any(wanted(v) for v in ("opd-master", "grpo-master", "opd-master-compiled-parts", "opd-master-compiled",
-                               "opd-master-compiled-layers", "grpo-master-compiled", "opd-master-compiled-keep")):
+    if not a.variants or any("-master" in v for v in a.variants):
         fp32_optimizer = use_master_weights(run, cfg)
         add("opd-master", opd, "Vision-OPD step, bf16 weights + fp32 masters (bf16_weights), teacher = live student",
             teacher=True, gc_on=True, micro=a.micro)
