@@ -77,6 +77,7 @@ def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, t
     shared = build_batch([a, a, b, a, b], responses, pad_id(processor))  # 3 rollouts of a, 2 of b
     assert shared.sharing is not None and shared.sharing.keep.tolist() == [0, 2]
     assert shared.sharing.source.tolist() == [0, 0, 1, 0, 1]
+    assert shared.sharing.patches.tolist() == shared.inputs["image_grid_thw"].prod(-1).tolist()  # on the CPU
     copies = [encode_prompt(processor, c) for c in
               [view_conversation(s, v, "open", max_pixels=m, crop_margin=0.25, zoom=2.0)
                for s, v, m in [(samples[0], "full", 112 * 112)] * 3 + [(samples[1], "crop", 56 * 112)] * 2]]
@@ -100,3 +101,28 @@ def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, t
     assert grads_shared.keys() == grads_every.keys() and any("visual" in n for n in grads_shared)
     for name in grads_every:
         torch.testing.assert_close(grads_shared[name], grads_every[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_positions_built_before_the_forward_are_the_models_own(family: str, data: Path, tmp_path: Path) -> None:
+    """`with_positions` gives the 3D M-RoPE ids that the forward would build (padding, text-only rows
+    and two image sizes included), so the hidden states do not change; wrappers are seen through."""
+    from zoomless.train.batching import ResponseModel, with_positions
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / family, family=family, size="test"), dtype=torch.float32, device="cpu")
+    samples = read_samples(data)
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    b = encode_prompt(processor, view_conversation(samples[1], "crop", "mcq", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
+    text = encode_prompt(processor, conversation([], "a text-only prompt"))
+    batch = build_batch([a, b, a, text], [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]], pad_id(processor))
+    given = with_positions(ResponseModel(model), batch)
+    ids = given.inputs["position_ids"]
+    assert "position_ids" not in batch.inputs and ids.shape[:2] == (3, 4) and ids.shape[-1] == batch.inputs["input_ids"].shape[1]
+    assert not ids[0, 0].equal(ids[1, 0])  # image tokens carry 2D positions: a real M-RoPE layout
+    wrong = build_batch([a, b, a, text], [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]], pad_id(processor))
+    wrong.inputs["position_ids"] = ids.flip(-1)  # to show that the forward reads the ids it is given
+    with torch.no_grad():
+        own, ours, other = (response_hidden(model, x) for x in (batch, given, wrong))
+    torch.testing.assert_close(ours, own, atol=0, rtol=0)
+    assert not torch.allclose(other, own)
+    assert with_positions(model, given) is given  # ids already there: nothing to do

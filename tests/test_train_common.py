@@ -7,7 +7,9 @@ import torch
 
 from zoomless.engines.base import Generation
 from zoomless.train import recipes
-from zoomless.train.common import DataIterator, build_optimizer, filter_generations, warmup_constant_schedule
+from zoomless.train.common import (
+    DataIterator, build_optimizer, clip_inside_fused_step, filter_generations, warmup_constant_schedule,
+)
 from zoomless.train.config import ConfigError, OPDConfig, SFTConfig, load_config, parse_overrides
 from zoomless.train.ema import ema_update_, make_teacher
 
@@ -129,3 +131,30 @@ def test_warmup_then_constant_and_no_decay_on_norms() -> None:
         opt.step()
         sched.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_clip_inside_the_fused_adamw_step_is_clipping_first() -> None:
+    """The clip folded into fused AdamW's kernel updates as clip_grad_norm_ then step does, over
+    steps above and below the limit; a non-finite norm leaves weights, moments and step count."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours, opt_theirs = (build_optimizer(ps, lr=0.05, weight_decay=0.1, fused=True) for ps in (ours, theirs))
+    for scale in (30.0, 0.01, 5.0):  # norms well above, below and above max_norm=1
+        grads = [torch.randn_like(p) * scale for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        opt_theirs.step()
+        norm = clip_inside_fused_step(opt_ours, ours, 1.0)
+        torch.testing.assert_close(norm, expected)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert not hasattr(opt_ours, "grad_scale")  # the hooks are not left on the optimizer
+    before = [p.detach().clone() for p in ours]
+    moments = [opt_ours.state[p]["exp_avg"].clone() for p in ours]
+    ours[0].grad, ours[1].grad = torch.full_like(ours[0], float("inf")), torch.zeros_like(ours[1])
+    assert not torch.isfinite(clip_inside_fused_step(opt_ours, ours, 1.0))
+    for p, b, m in zip(ours, before, moments):
+        assert torch.equal(p, b) and torch.equal(opt_ours.state[p]["exp_avg"], m)
+        assert float(opt_ours.state[p]["step"]) == 3

@@ -6,20 +6,21 @@ pair, so the hidden states there can be gathered into one [N, H] tensor and the 
 to them (see `losses.chunked_map`). The student and teacher views of a sequence are two batches with
 different prompts (another image, perhaps another question) and the same response ids.
 
-Position ids are left to the model: Qwen-VL builds its 3D M-RoPE ids from input_ids, the image grid
-and the attention mask, which is right for right padding.
+Position ids: Qwen-VL builds its 3D M-RoPE ids from input_ids, the image grid and the attention
+mask, which is right for right padding. `with_positions` builds the same ids with the model's own
+function on the CPU, before the batch goes to the GPU, where HF's per-row loop would stall it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zoomless.engines.base import Conversation
-from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, vision_module
+from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, to_device, vision_module
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -58,9 +59,9 @@ class TeacherForcingBatch:
 
     def to(self, device: torch.device | str) -> "TeacherForcingBatch":
         return TeacherForcingBatch(
-            {k: v.to(device) for k, v in self.inputs.items()},
-            self.rows.to(device), self.positions.to(device), self.targets.to(device), self.lengths,
-            None if self.sharing is None else self.sharing.to(device),
+            {k: to_device(v, device) for k, v in self.inputs.items()},
+            to_device(self.rows, device), to_device(self.positions, device), to_device(self.targets, device),
+            self.lengths, None if self.sharing is None else self.sharing.to(device),
         )
 
 
@@ -97,15 +98,41 @@ def build_batch(
                                _sharing(prompts))
 
 
+def with_positions(model: nn.Module, batch: TeacherForcingBatch) -> TeacherForcingBatch:
+    """`batch` (still on the CPU) with the position ids the model would build in its forward.
+
+    Qwen-VL's `get_rope_index` loops over the rows in Python and reads GPU values back several times
+    per row: about 8 host syncs per row and forward, after each of which the GPU idles until the
+    CPU has queued new work (docs/PERFORMANCE.md). The same function on the CPU tensors gives the
+    same ids without a sync. Models without it (or batches without images) are left as they are."""
+    inputs = batch.inputs
+    backbone = getattr(_unwrap(model), "model", None)
+    rope = getattr(backbone, "get_rope_index", None)
+    if rope is None or inputs["input_ids"].device.type != "cpu" or "mm_token_type_ids" not in inputs or \
+            "image_grid_thw" not in inputs or "position_ids" in inputs:
+        return batch
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+    position_ids, _ = rope(inputs["input_ids"], inputs["mm_token_type_ids"], attention_mask=inputs["attention_mask"],
+                           **grids)
+    return replace(batch, inputs={**inputs, "position_ids": position_ids})
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP (`.module`) and `ResponseModel` (`.vlm`)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "vlm", model)
+
+
 def _sharing(prompts: Sequence[PromptEncoding]) -> ImageSharing | None:
     """Rows given the same PromptEncoding object (the rollouts of one prompt) have the same images."""
-    owners, names = [], {}
+    owners, names, grids = [], {}, []
     for p in prompts:
         grid = p.vision.get("image_grid_thw")
         name = names.setdefault(id(p), len(names))
         owners += [(name, k) for k in range(0 if grid is None else len(grid))]
+        grids += [] if grid is None else [grid]
     ids = {o: i for i, o in enumerate(dict.fromkeys(owners))}
-    return sharing_of([ids[o] for o in owners])
+    return sharing_of([ids[o] for o in owners], torch.cat(grids).prod(-1) if grids else None)
 
 
 # ----------------------------------------------------------------------------- the forward

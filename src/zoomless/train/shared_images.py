@@ -25,17 +25,32 @@ from torch import Tensor, nn
 @dataclass
 class ImageSharing:
     """Which images of a batch are copies: `keep` [U] indices of the first copy of each distinct
-    image (in batch image order), `source` [I] the position in `keep` that image i is a copy of."""
+    image (in batch image order), `source` [I] the position in `keep` that image i is a copy of.
+    `patches` [I], when known, is each image's patch count on the CPU: the gather indices are then
+    built there, with no GPU value read back (each read would stall the GPU)."""
 
     keep: Tensor
     source: Tensor
+    patches: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "ImageSharing":
-        return ImageSharing(self.keep.to(device), self.source.to(device))
+        return self  # stays on the CPU: the hooks build their indices there and send only those
 
 
-def sharing_of(image_owners: list[int]) -> ImageSharing | None:
-    """`image_owners[i]` names what image i is (equal names: the same pixels); None without repeats."""
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """`t` on `device`. A CPU tensor goes to a GPU from pinned memory without blocking: a plain
+    `.to("cuda")` waits for everything queued on the GPU before it returns."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def sharing_of(image_owners: list[int], patches: Tensor | None = None) -> ImageSharing | None:
+    """`image_owners[i]` names what image i is (equal names: the same pixels); None without repeats.
+    `patches`: each image's patch count (see ImageSharing)."""
     first: dict[int, int] = {}
     keep, source = [], []
     for i, owner in enumerate(image_owners):
@@ -45,7 +60,10 @@ def sharing_of(image_owners: list[int]) -> ImageSharing | None:
         source.append(first[owner])
     if len(keep) == len(image_owners):
         return None
-    return ImageSharing(torch.tensor(keep, dtype=torch.long), torch.tensor(source, dtype=torch.long))
+    if patches is not None and len(patches) != len(image_owners):
+        raise ValueError(f"{len(patches)} patch counts for {len(image_owners)} images")
+    return ImageSharing(torch.tensor(keep, dtype=torch.long), torch.tensor(source, dtype=torch.long),
+                        None if patches is None else patches.detach().to("cpu", torch.long))
 
 
 def vision_module(model: nn.Module) -> nn.Module | None:
@@ -76,15 +94,17 @@ def encode_once(visual: nn.Module | None, sharing: ImageSharing | None) -> Itera
         # HF calls visual(pixel_values, grid_thw=...) (or both positional, or hidden_states=...)
         pixels, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
         grid, rest = (kwargs.pop("grid_thw"), rest) if "grid_thw" in kwargs else (rest[0], rest[1:])
-        keep = sharing.keep.to(grid.device)
-        patches = grid.prod(-1)
+        known = sharing.patches is not None and len(sharing.patches) == len(grid)
+        patches = sharing.patches if known else grid.prod(-1)  # on the CPU when known: no host sync below
         state["patches"] = patches
-        return (pixels[_blocks(patches, keep)], *rest), {**kwargs, "grid_thw": grid[keep]}
+        rows = _blocks(patches, to_device(sharing.keep, patches.device))
+        kept_grid = grid[to_device(sharing.keep, grid.device)]
+        return (pixels[to_device(rows, pixels.device)], *rest), {**kwargs, "grid_thw": kept_grid}
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         patches = state["patches"]
-        kept = patches[sharing.keep.to(patches.device)]
-        source = sharing.source.to(patches.device)
+        kept = patches[to_device(sharing.keep, patches.device)]
+        source = to_device(sharing.source, patches.device)
         per_patch = _blocks(kept, source)  # rows of the kept encodings, for every image of the batch
         per_token = _blocks(kept // merge, source)
         return _expand(output, int(kept.sum()), per_patch, int(kept.sum()) // merge, per_token)
@@ -125,9 +145,9 @@ def _expand(value: Any, n_patches: int, per_patch: Tensor, n_tokens: int, per_to
 
     def gather(t: Tensor) -> Tensor:
         if t.dim() and t.shape[0] == n_tokens:
-            return t[per_token]
+            return t[to_device(per_token, t.device)]
         if t.dim() and t.shape[0] == n_patches:
-            return t[per_patch]
+            return t[to_device(per_patch, t.device)]
         return t
 
     return _map_tensors(value, gather)
