@@ -124,19 +124,33 @@ def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
     params = run.master.masters if run.master else [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # inside accelerate's wrapper
     if run.master and optimizer.defaults.get("fused"):
-        norm = float(clip_inside_fused_step(run.optimizer, params, grad_clip))  # read after the step is queued
+        # the update and the copy to the bf16 weights are queued before the norm is read (a skipped
+        # update leaves the masters as they were: copying them changes nothing)
+        norm_t = clip_inside_fused_step(run.optimizer, params, grad_clip)
+        run.master.copy_to_model()
+        norm = float(norm_t)
     else:
-        norm = run.dist.accelerator.clip_grad_norm_(params, grad_clip)
-        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        norm_t = run.dist.accelerator.clip_grad_norm_(params, grad_clip)
+        norm = float(norm_t.full_tensor() if isinstance(norm_t, DTensor) else norm_t)
         if math.isfinite(norm):
             run.optimizer.step()
+            if run.master:
+                run.master.copy_to_model()
     applied = math.isfinite(norm)
     if applied:
         run.scheduler.step()
-        if run.master:
-            run.master.copy_to_model()
     run.optimizer.zero_grad(set_to_none=True)
     return norm, applied
+
+
+def read_values(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """`values` as floats, the tensors among them read from the GPU at once: the recipes keep their
+    per-micro-batch sums on the GPU, so that the CPU prepares the next micro-batch while the GPU
+    still runs this one's backward, and read them once per step (each read waits for the GPU)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    read = torch.stack([t.detach().double().reshape(()) for t in tensors.values()]).tolist() if tensors else []
+    read_back = dict(zip(tensors, read))
+    return {k: read_back[k] if k in read_back else float(v) for k, v in values.items()}
 
 
 def clip_inside_fused_step(optimizer: Any, params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:

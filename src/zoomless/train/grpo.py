@@ -38,6 +38,7 @@ from zoomless.train.common import (
     rollout,
     rollout_batch,
     rollout_counts,
+    read_values,
     sampled_logprobs,
     sampling_params,
     start_run,
@@ -63,6 +64,7 @@ from zoomless.train.opd import (
     view_kwargs,
 )
 from zoomless.train.rewards import Judge, build_judge, score_responses
+from zoomless.train.shared_images import to_device
 
 PPO_STATS = ("clip_high", "clip_low", "dual_clip", "ratio", "approx_kl")
 
@@ -122,7 +124,7 @@ def policy_loss(
 ) -> dict[str, float]:
     """Backprop one micro-batch's share of the step loss; return token sums of what is logged."""
     sb = rollout_batch(run, student_prompts, u.rollouts)
-    sums: dict[str, float] = {}
+    sums: dict[str, float | torch.Tensor] = {}
     if cfg.objective == "hybrid":  # one student forward gives both the JSD and the sampled log-probs
         tb = rollout_batch(run, teacher_prompts, u.rollouts)
         out = distill_tokens(
@@ -132,7 +134,7 @@ def policy_loss(
         logp, jsd = out.logp, out.jsd
         if cfg.is_clip is not None and u.old_logp is not None:
             jsd = jsd * truncated_is_weights(logp, u.old_logp, cfg.is_clip)
-        sums.update(jsd_sum=float(out.jsd.detach().sum()), agree_sum=float(out.agree.sum()))
+        sums.update(jsd_sum=out.jsd.detach().sum(), agree_sum=out.agree.sum())
     else:
         with timer("student"), run.autocast():
             hidden = response_hidden(run.policy, sb)
@@ -141,18 +143,18 @@ def policy_loss(
         old = logp.detach() if u.old_logp is None else u.old_logp
         ones = torch.ones_like(logp)
         pg, stats = ppo_clip_loss(
-            logp, old, u.advantages.to(logp.device), ones, cfg.clip_low, cfg.clip_high, cfg.dual_clip, denominator
+            logp, old, to_device(u.advantages, logp.device), ones, cfg.clip_low, cfg.clip_high, cfg.dual_clip, denominator
         )
         loss = pg if cfg.objective == "grpo" else jsd.sum() / denominator + cfg.grpo_weight * pg
         if u.ref_logp is not None:
             kl = k3_kl(logp, u.ref_logp)
             loss = loss + cfg.kl_coef * masked_token_mean(kl, ones, denominator)
-            sums["kl_sum"] = float(kl.detach().sum())
+            sums["kl_sum"] = kl.detach().sum()
         if is_padding(u.rollouts):  # a placeholder pass (train/distributed.py): no gradient, nothing logged
             loss = loss * 0.0
         run.backward(loss)
-    n = float(sb.num_tokens)
-    sums["pg_sum"] = float(pg.detach()) * denominator
+    n = float(sb.num_tokens)  # the sums stay on the GPU until the step reads them (`read_values`)
+    sums["pg_sum"] = pg.detach() * denominator
     sums.update({f"{k}_sum": v * n for k, v in stats.items()})
     return {k: 0.0 for k in sums} if is_padding(u.rollouts) else sums
 
@@ -278,7 +280,7 @@ def grpo_step(
     mini_tokens = run.dist.sum({str(k): real_tokens(mini) for k, mini in enumerate(plan)})
     passes, norms, skipped = [], [], 0
     for _ in range(cfg.updates_per_batch):
-        sums: dict[str, float] = {}
+        sums: dict[str, float | torch.Tensor] = {}
         for k, mini in enumerate(plan):
             denominator = run.dist.denominator(mini_tokens[str(k)])
             for j, u in enumerate(mini):
@@ -292,7 +294,8 @@ def grpo_step(
             skipped += not applied
         passes.append(sums)
     # the loss and divergence as sampled (first pass); clipping where it acts (last pass)
-    first, last = run.dist.sum(passes[0]), run.dist.sum(passes[-1])
+    first = run.dist.sum(read_values(passes[0]))
+    last = first if len(passes) == 1 else run.dist.sum(read_values(passes[-1]))
     total = counts["tokens"]
     metrics["pg_loss"] = first["pg_sum"] / total
     for k in PPO_STATS:  # where clipping acts: the last pass

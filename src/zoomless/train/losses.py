@@ -160,7 +160,7 @@ def ppo_clip_loss(
     clip_high: float = 0.3,
     dual_clip: float | None = None,
     denominator: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped policy loss with clip-higher and optional dual clip, token-mean aggregated.
 
     Per token, with r = exp(logp_new - logp_old):
@@ -170,7 +170,7 @@ def ppo_clip_loss(
     [B, L] padded); `mask` marks valid tokens. The loss is sum(loss * mask) / denominator (default:
     the number of valid tokens; pass the step's token count to backprop micro-batches separately).
 
-    Returned stats are means over the valid tokens of this call: `clip_high` (A > 0 and r above
+    Returned stats (0-dim tensors) are means over the valid tokens of this call: `clip_high` (A > 0 and r above
     1 + clip_high: no gradient), `clip_low` (A < 0 and r below 1 - clip_low: no gradient), `dual_clip`
     (A < 0 and the cap active), `ratio`, and `approx_kl` (mean of logp_old - logp_new).
     """
@@ -191,19 +191,19 @@ def ppo_clip_loss(
         loss = torch.where(dual, cap, loss)
     total = masked_token_mean(loss, mask, denominator)
 
-    with torch.no_grad():
+    with torch.no_grad():  # 0-dim tensors: read by the caller when it logs (each read waits for the GPU)
         valid = mask.bool()
-        n = max(int(valid.sum()), 1)
+        n = valid.sum().clamp(min=1)
 
-        def frac(flags: Tensor) -> float:
-            return float((flags & valid).sum()) / n
+        def frac(flags: Tensor) -> Tensor:
+            return (flags & valid).sum() / n
 
         stats = {
             "clip_high": frac((adv > 0) & (ratio > 1.0 + clip_high)),
             "clip_low": frac((adv < 0) & (ratio < 1.0 - clip_low)),
             "dual_clip": frac(dual),
-            "ratio": float((ratio * valid).sum()) / n,
-            "approx_kl": float((-log_ratio * valid).sum()) / n,
+            "ratio": (ratio * valid).sum() / n,
+            "approx_kl": (-log_ratio * valid).sum() / n,
         }
     return total, stats
 

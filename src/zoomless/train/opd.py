@@ -38,6 +38,7 @@ from zoomless.train.common import (
     rollout,
     rollout_batch,
     rollout_counts,
+    read_values,
     sampled_logprobs,
     sampling_params,
     start_run,
@@ -131,7 +132,7 @@ def distill_micro_batch(
     denominator: float,
     timer: Timer,
     old_logp: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | torch.Tensor]:
     """Distill one micro-batch and backprop sum(weighted JSD) / denominator; return the sums to log.
     A padding micro-batch (`is_padding`) runs the same passes with weight 0."""
     anchor = cfg.crop_anchor > 0
@@ -157,11 +158,11 @@ def distill_micro_batch(
         loss = loss * 0.0
     with timer("student"):
         run.backward(loss)
-    sums = {
-        "jsd_sum": float(out.jsd.detach().sum()),
-        "anchor_jsd_sum": float(out.anchor_jsd.detach().sum()) if anchor else 0.0,
-        "agree_sum": float(out.agree.sum()),
-        "is_weight_sum": float(weights.sum()) if weights is not None else float(tb.num_tokens),
+    sums = {  # on the GPU: read once per step (`read_values`)
+        "jsd_sum": out.jsd.detach().sum(),
+        "anchor_jsd_sum": out.anchor_jsd.detach().sum() if anchor else 0.0,
+        "agree_sum": out.agree.sum(),
+        "is_weight_sum": weights.detach().sum() if weights is not None else float(tb.num_tokens),
     }
     return {k: 0.0 for k in sums} if is_padding(rollouts) else sums
 
@@ -242,7 +243,7 @@ def opd_step(
 
     sums, norms, skipped = {}, [], 0
     for update in range(cfg.updates_per_batch):
-        totals = {"jsd_sum": 0.0, "anchor_jsd_sum": 0.0, "agree_sum": 0.0, "is_weight_sum": 0.0}
+        totals: dict[str, float | torch.Tensor] = dict.fromkeys(("jsd_sum", "anchor_jsd_sum", "agree_sum", "is_weight_sum"), 0.0)
         for j, mb in enumerate(micro):
             weights_from = old[j] if old is not None and update > 0 else None  # update 0 is on-policy: r = 1
             with run.dist.grad_sync(run.policy, sync=j == len(micro) - 1):
@@ -259,7 +260,7 @@ def opd_step(
         sums.update({f"{update}/{k}": v for k, v in totals.items()})
         norms.append(norm)
         skipped += not applied
-    sums = run.dist.sum(sums)
+    sums = run.dist.sum(read_values(sums))
     last = cfg.updates_per_batch - 1
     # the divergence and agreement as sampled (first update); IS weights where they act (last update)
     metrics["jsd"] = sums["0/jsd_sum"] / total
