@@ -240,6 +240,7 @@ def profile_call(fn: Callable[[], Any], ranges: dict[str, nn.Module] | None = No
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    gaps = guarded_gaps(prof) if cuda else None
     events = prof.key_averages()
     ops = [e for e in events if e.device_type == DeviceType.CPU and not e.is_user_annotation]
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation
@@ -263,6 +264,70 @@ def profile_call(fn: Callable[[], Any], ranges: dict[str, nn.Module] | None = No
         "top_ops_by_self_device_time": top_by(ops, "self_device_time_total") if cuda else [],
         "top_kernels": top_by(kernels, "self_device_time_total"),
         "top_ops_by_self_cpu_time": top_by(ops, "self_cpu_time_total"),
+        "gpu_idle_gaps": gaps,
+    }
+
+
+def guarded_gaps(prof: Any) -> dict[str, Any]:
+    """`idle_gaps` of a profile's events; an error message instead where the profiler's event
+    list is not what it expects (a diagnostic must not cost the measurements)."""
+    from torch.autograd import DeviceType
+
+    try:
+        events = [Span(e.name, e.time_range.start, e.time_range.end, e.device_type == DeviceType.CUDA,
+                       e.is_user_annotation) for e in prof.events()
+                  if e.name != LAUNCH_QUEUE_FULL and not (e.device_type == DeviceType.CUDA and e.is_user_annotation)]
+        return idle_gaps(events)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+@dataclass
+class Span:
+    """One profiler event: a GPU kernel or memcpy (`gpu`), a CPU op, or a `record_function` range
+    (`annotation`: the recipes' phases, the module ranges); times in microseconds."""
+
+    name: str
+    start: float
+    end: float
+    gpu: bool
+    annotation: bool = False
+
+
+def idle_gaps(events: list[Span], top: int = 10, min_gap_us: float = 200.0) -> dict[str, Any]:
+    """Where the GPU had nothing to run: the stretches between kernels (overlapping kernels
+    merged), their total and count above `min_gap_us`, and the `top` longest, each with the
+    ranges it lies in (phase, module), the CPU op running when it began (the innermost; a sync
+    such as aten::item runs until just after the GPU drains), or else the last one that ended,
+    and the first CPU op that began inside it (whose launch ended it)."""
+    kernels = sorted((e.start, e.end) for e in events if e.gpu)
+    gaps, busy_until = [], kernels[0][1] if kernels else 0.0
+    for start, end in kernels[1:]:
+        if start - busy_until >= min_gap_us:
+            gaps.append((busy_until, start))
+        busy_until = max(busy_until, end)
+    cpu = sorted((e for e in events if not e.gpu and not e.annotation), key=lambda e: e.start)
+    ranges = [e for e in events if not e.gpu and e.annotation]
+
+    def describe(a: float, b: float) -> dict[str, Any]:
+        running = [e for e in cpu if e.start <= a < e.end]  # a sync runs until just after the GPU drains
+        before = (max(running, key=lambda e: e.start) if running
+                  else max((e for e in cpu if e.end <= a), key=lambda e: e.end, default=None))
+        inside = next((e for e in cpu if a <= e.start < b and not e.name.startswith("cu")), None)  # not the launch call
+        return {
+            "ms": (b - a) / 1e3,
+            "at_ms": (a - kernels[0][0]) / 1e3,
+            "in": sorted({r.name for r in ranges if r.start <= a and b <= r.end}),
+            "after_cpu_op": before.name if before else None,
+            "first_cpu_op_inside": inside.name if inside else None,
+        }
+
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+    return {
+        "idle_ms": sum(b - a for a, b in gaps) / 1e3,
+        "gaps": len(gaps),
+        "min_gap_us": min_gap_us,
+        "longest": [describe(a, b) for a, b in sorted(longest)],
     }
 
 
@@ -304,6 +369,14 @@ def profile_text(title: str, p: dict[str, Any]) -> str:
     if p["range_device_s"] and p["gpu_kernel_s"] is not None:
         lines.append("   device time inside forward calls (student and teacher; backward not included): " + ", ".join(
             f"{k} {v:.3f} s" for k, v in p["range_device_s"].items() if v is not None))
+    gaps = p.get("gpu_idle_gaps")
+    if gaps and "error" not in gaps:
+        lines.append(f"   GPU idle {gaps['idle_ms']:.1f} ms in {gaps['gaps']} gaps of {gaps['min_gap_us']:.0f} us or more; "
+                     "the longest (at ms from the first kernel: length, ranges, the CPU op at its start, the first inside):")
+        lines += [f"   {g['at_ms']:9.1f}: {g['ms']:6.2f} ms  [{', '.join(g['in'])}]  after {g['after_cpu_op']}, "
+                  f"then {g['first_cpu_op_inside']}" for g in gaps["longest"]]
+    elif gaps:
+        lines.append(f"   GPU idle gaps: {gaps['error']}")
     for key, label in (("top_ops_by_self_device_time", "top ops by self GPU time"), ("top_kernels", "top GPU kernels"),
                        ("top_ops_by_self_cpu_time", "top ops by self CPU time")):
         if p[key]:

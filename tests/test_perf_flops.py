@@ -68,3 +68,29 @@ def test_qwen3_vl_4b_shape() -> None:
     merger = 4096**2 + 4096 * 2560
     assert f["vision_linear"] == 2 * 56 * 56 * (3 * 2 * 16 * 16 * 1024 + 24 * block) + 2 * 28 * 28 * 4 * merger
     assert f["vision_attention"] == 4 * 1024 * 24 * (56 * 56) ** 2
+
+
+def test_idle_gaps_find_the_longest_stretches_without_a_kernel_and_what_the_cpu_did() -> None:
+    S = pm.Span
+    events = [
+        S("k1", 0, 100, gpu=True), S("k2", 50, 300, gpu=True),  # overlapping: busy until 300
+        S("k3", 1300, 1400, gpu=True),  # a 1 ms gap before it
+        S("k4", 1500, 1600, gpu=True),  # 100 us: below the threshold
+        S("k5", 5600, 5700, gpu=True),  # a 4 ms gap
+        S("aten::item", 250, 310, gpu=False), S("cudaLaunchKernel", 1290, 1295, gpu=False),
+        S("aten::mm", 1280, 1299, gpu=False), S("aten::copy_", 1620, 1650, gpu=False),
+        S("aten::add", 5590, 5595, gpu=False),
+        S("phase:student", 0, 2000, gpu=False, annotation=True), S("phase:step", 2000, 6000, gpu=False, annotation=True),
+    ]
+    gaps = pm.idle_gaps(events, top=1)
+    assert gaps["gaps"] == 2 and gaps["idle_ms"] == pytest.approx(5.0)
+    (longest,) = gaps["longest"]
+    assert longest["ms"] == pytest.approx(4.0) and longest["at_ms"] == pytest.approx(1.6)
+    assert longest["in"] == [] and longest["after_cpu_op"] == "aten::mm" and longest["first_cpu_op_inside"] == "aten::copy_"
+    first = pm.idle_gaps(events)["longest"][0]
+    assert first["in"] == ["phase:student"] and first["after_cpu_op"] == "aten::item"
+    assert first["first_cpu_op_inside"] == "aten::mm"  # the launch call itself is skipped
+    # on a real (CPU) profile the events read without error: no kernels, no gaps
+    with torch.profiler.profile() as prof:
+        torch.ones(8) @ torch.ones(8)
+    assert pm.guarded_gaps(prof) == {"idle_ms": 0.0, "gaps": 0, "min_gap_us": 200.0, "longest": []}

@@ -430,7 +430,8 @@ class MetricsLogger:
 
 
 class Timer:
-    """Accumulates seconds per named phase: `with timer("rollout"): ...`."""
+    """Accumulates seconds per named phase: `with timer("rollout"): ...`. Host time: the GPU may
+    still run a phase's work after it ends. Each phase is also a range in torch.profiler traces."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -439,7 +440,8 @@ class Timer:
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"phase:{name}"):
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 

@@ -34,11 +34,11 @@ from zoomless.train.common import (
     hf_engine,
     is_padding,
     padding_rollout,
+    read_values,
     response_stats,
     rollout,
     rollout_batch,
     rollout_counts,
-    read_values,
     sampled_logprobs,
     sampling_params,
     start_run,
@@ -121,8 +121,9 @@ def policy_loss(
     u: Update,
     denominator: float,
     timer: Timer,
-) -> dict[str, float]:
-    """Backprop one micro-batch's share of the step loss; return token sums of what is logged."""
+) -> dict[str, float | torch.Tensor]:
+    """Backprop one micro-batch's share of the step loss; return token sums of what is logged (the
+    tensors among them are read once per step: `read_values`)."""
     sb = rollout_batch(run, student_prompts, u.rollouts)
     sums: dict[str, float | torch.Tensor] = {}
     if cfg.objective == "hybrid":  # one student forward gives both the JSD and the sampled log-probs
