@@ -83,24 +83,30 @@ def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, t
                for s, v, m in [(samples[0], "full", 112 * 112)] * 3 + [(samples[1], "crop", 56 * 112)] * 2]]
     every = build_batch([copies[0], copies[1], copies[3], copies[2], copies[4]], responses, pad_id(processor))
     assert every.sharing is None  # distinct objects: nothing is assumed shared
-    torch.testing.assert_close(every.inputs["pixel_values"], shared.inputs["pixel_values"])
+    # each shared image's pixels once; distinct_pixels=False (stock forwards) sends every row's
+    torch.testing.assert_close(shared.inputs["pixel_values"], torch.cat([a.vision["pixel_values"], b.vision["pixel_values"]]))
+    full = build_batch([a, a, b, a, b], responses, pad_id(processor), distinct_pixels=False)
+    torch.testing.assert_close(every.inputs["pixel_values"], full.inputs["pixel_values"])
+    for key in ("input_ids", "image_grid_thw"):
+        assert torch.equal(shared.inputs[key], every.inputs[key]), key
 
     seen = []  # patches entering the vision tower
     hook = vision_module(model).patch_embed.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
     results = []
-    for batch in (shared, every):
+    for batch in (shared, full, every):
         model.zero_grad()
         h = response_hidden(model, batch)
         h.pow(2).sum().backward()
         results.append((h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     hook.remove()
     pa, pb = len(a.vision["pixel_values"]), len(b.vision["pixel_values"])
-    assert seen == [pa + pb, 3 * pa + 2 * pb]  # the shared batch encoded 2 images, the other all 5 copies
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    grads_shared, grads_every = results[0][1], results[1][1]
-    assert grads_shared.keys() == grads_every.keys() and any("visual" in n for n in grads_shared)
-    for name in grads_every:
-        torch.testing.assert_close(grads_shared[name], grads_every[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert seen == [pa + pb, pa + pb, 3 * pa + 2 * pb]  # the shared batches encoded 2 images, the other all 5 copies
+    grads_every = results[2][1]
+    for h, grads_shared in results[:2]:
+        torch.testing.assert_close(h, results[2][0], atol=1e-5, rtol=1e-5)
+        assert grads_shared.keys() == grads_every.keys() and any("visual" in n for n in grads_shared)
+        for name in grads_every:
+            torch.testing.assert_close(grads_shared[name], grads_every[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])

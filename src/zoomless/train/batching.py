@@ -66,9 +66,13 @@ class TeacherForcingBatch:
 
 
 def build_batch(
-    prompts: Sequence[PromptEncoding], responses: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[PromptEncoding], responses: Sequence[Sequence[int]], pad_id: int, distinct_pixels: bool = True
 ) -> TeacherForcingBatch:
-    """Right-padded prompt+response batch; vision tensors concatenated in row order."""
+    """Right-padded prompt+response batch; vision tensors concatenated in row order. Rows given the
+    same PromptEncoding object (the rollouts of one prompt) share its images: with `distinct_pixels`
+    `pixel_values` holds each shared image once (the rows `batch.sharing.keep` names, which
+    `backbone_hidden` encodes), not once per row; the grids still list every row's images. For a
+    forward without `backbone_hidden` (stock transformers), pass False: every row's pixels."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if any(len(r) == 0 for r in responses):
@@ -91,11 +95,16 @@ def build_batch(
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if has_mm:
         inputs["mm_token_type_ids"] = mm
+    sharing = _sharing(prompts)
+    # 8 rollouts of one 896-px image would copy, pin and send 8 x 19 MB of pixels: the step's host
+    # time, for rows that encode_once drops on the GPU (docs/PERFORMANCE.md)
+    distinct = list({id(p): p for p in prompts}.values()) if sharing is not None and distinct_pixels else prompts
     for key in dict.fromkeys(k for p in prompts for k in p.vision):  # prompts without images add nothing
-        inputs[key] = torch.cat([p.vision[key] for p in prompts if key in p.vision])
+        given = distinct if key == "pixel_values" else prompts
+        inputs[key] = torch.cat([p.vision[key] for p in given if key in p.vision])
     targets = torch.cat([torch.as_tensor(list(r), dtype=torch.long) for r in responses])
     return TeacherForcingBatch(inputs, torch.cat(rows), torch.cat(positions), targets, [len(r) for r in responses],
-                               _sharing(prompts))
+                               sharing)
 
 
 def with_positions(model: nn.Module, batch: TeacherForcingBatch) -> TeacherForcingBatch:

@@ -9,7 +9,9 @@ into the one encoding, which is the same gradient as encoding every copy.
 
 It works through forward hooks on the model's vision module (`model.model.visual`, as in Qwen2-VL,
 Qwen2.5-VL and Qwen3-VL), so HF's own forward, position ids and scatter are untouched. A model
-without such a module, or a batch without repeated images, runs as before.
+without such a module, or a batch without repeated images, runs as before. The pixels may come
+with every copy (the hook keeps the first ones) or, as `batching.build_batch` sends them, with
+each distinct image once: then nothing is dropped on the GPU and nothing extra crossed to it.
 """
 
 from __future__ import annotations
@@ -97,8 +99,10 @@ def encode_once(visual: nn.Module | None, sharing: ImageSharing | None) -> Itera
         known = sharing.patches is not None and len(sharing.patches) == len(grid)
         patches = sharing.patches if known else grid.prod(-1)  # on the CPU when known: no host sync below
         state["patches"] = patches
-        rows = _blocks(patches, to_device(sharing.keep, patches.device))
         kept_grid = grid[to_device(sharing.keep, grid.device)]
+        if known and pixels.shape[0] == int(patches[sharing.keep].sum()):  # build_batch sent the kept images only
+            return (pixels, *rest), {**kwargs, "grid_thw": kept_grid}
+        rows = _blocks(patches, to_device(sharing.keep, patches.device))
         return (pixels[to_device(rows, pixels.device)], *rest), {**kwargs, "grid_thw": kept_grid}
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
