@@ -254,14 +254,13 @@ def hf_plain_step(run: Any, seqs: dict[str, Any], micro: int) -> StepFn:
     """Stock transformers: forward with labels (full logits, HF's loss), backward, no optimizer
     step; HF's own vision attention (the zoomless batching patch is lifted while it runs)."""
     from zoomless.models.fast_vision import patch_vision_attention, unpatch_vision_attention
-    from zoomless.train.batching import build_batch
-    from zoomless.train.common import pad_id
+    from zoomless.train.common import device_batch
 
     batches = []
     for i in range(0, len(seqs["rollouts"]), micro):
         rollouts = seqs["rollouts"][i : i + micro]
-        b = build_batch([seqs["prompts"][r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts],
-                        pad_id(run.processor), distinct_pixels=False).to(run.device)  # HF encodes every row's image
+        b = device_batch(run, [seqs["prompts"][r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts],
+                         distinct_pixels=False)  # HF encodes every row's image
         labels = torch.full_like(b.inputs["input_ids"], -100)
         labels[b.rows, b.positions + 1] = b.targets  # HF shifts: logits at p predict the label at p + 1
         batches.append((b.inputs, labels))

@@ -562,7 +562,14 @@ def response_stats(rollouts: Sequence[Rollout], dist: Dist | None = None) -> dic
 
 def rollout_batch(run: "Run", prompts: Sequence[PromptEncoding], rollouts: Sequence[Rollout]) -> TeacherForcingBatch:
     """Teacher forcing of rollouts under per-conversation prompts (`prompts[r.prompt_index]`), on the run's device."""
-    batch = build_batch([prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts], pad_id(run.processor))
+    return device_batch(run, [prompts[r.prompt_index] for r in rollouts], [r.token_ids for r in rollouts])
+
+
+def device_batch(
+    run: "Run", prompts: Sequence[PromptEncoding], responses: Sequence[Sequence[int]], distinct_pixels: bool = True
+) -> TeacherForcingBatch:
+    """`build_batch` on the CPU, with the position ids made there (`with_positions`), sent to the run's device."""
+    batch = build_batch(prompts, responses, pad_id(run.processor), distinct_pixels)
     return with_positions(run.model, batch).to(run.device)
 
 

@@ -17,7 +17,7 @@ import torch.multiprocessing as tmp
 
 from zoomless.prompts import gold_letter, sample_form
 from zoomless.sample import Sample
-from zoomless.train.batching import PromptEncoding, build_batch, encode_prompt, lm_head, response_hidden, with_positions
+from zoomless.train.batching import PromptEncoding, encode_prompt, lm_head, response_hidden
 from zoomless.train.common import (
     MetricsLogger,
     Run,
@@ -25,8 +25,8 @@ from zoomless.train.common import (
     checkpoint_dir,
     chunks,
     clip_and_step,
+    device_batch,
     end_of_turn_id,
-    pad_id,
     save_checkpoint,
     should_save,
     start_run,
@@ -163,8 +163,7 @@ def sft_step(cfg: SFTConfig, run: Run, step: int, timer: Timer, feed: BatchFeed)
     micro = list(chunks(range(len(prompts)), cfg.micro_batch_size))
     with timer("forward_backward"):
         for j, idx in enumerate(micro):
-            tf = build_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad_id(run.processor))
-            tf = with_positions(run.model, tf).to(run.device)
+            tf = device_batch(run, [prompts[i] for i in idx], [responses[i] for i in idx])
             with run.dist.grad_sync(run.policy, sync=j == len(micro) - 1):  # DDP reduces after the last one
                 with run.autocast():
                     hidden = response_hidden(run.policy, tf)
