@@ -30,7 +30,7 @@ Each one is counted under the first stack frame inside src/zoomless (file:line, 
 
 On the CPU every tensor is on the CPU, so the script keeps track of which tensors *would* be on
 the GPU, with a mark on each: the model's parameters and buffers, the fp32 masters, what our
-`shared_images.to_device` sends to run.device (the batches, the shared-image gathers: a no-op here,
+`transfer.to_device` sends to run.device (the batches, the shared-image gathers: a no-op here,
 so it returns a marked copy), tensors made with `device=` a marked tensor's `.device`, and, op by
 op, every output of an op that reads a marked tensor. A value read from an unmarked tensor (a batch
 built on the CPU, the M-RoPE position ids made there, the shared-image patch counts) is no sync on a
@@ -72,6 +72,7 @@ import host_overhead as ho  # noqa: E402
 import perf_3b_train as pt  # noqa: E402
 
 from zoomless.models import tiny  # noqa: E402
+from zoomless import transfer  # noqa: E402
 from zoomless.train import batching, shared_images  # noqa: E402
 
 GPU_COUNTS = {  # the profiler's cudaStreamSynchronize count of one step, to compare with
@@ -268,10 +269,10 @@ class _Ops(TorchDispatchMode):
 
 @contextlib.contextmanager
 def copies_to_device(counter: SyncCounter) -> Iterator[None]:
-    """Our code sends tensors to the GPU with `shared_images.to_device` (the batches, the shared-image
-    gathers; from pinned memory, without blocking: no sync). On the CPU that is a no-op, so here it
-    returns a marked copy for the GPU, as it returns a new tensor there."""
-    original = shared_images.to_device
+    """Our code sends tensors to the GPU with `transfer.to_device` (the batches, the shared-image
+    gathers, the vision bookkeeping; from pinned memory, without blocking: no sync). On the CPU that
+    is a no-op, so here it returns a marked copy for the GPU, as it returns a new tensor there."""
+    original = transfer.to_device
 
     def to_device(t: Tensor, device: Any) -> Tensor:
         out = original(t, device)
@@ -280,7 +281,8 @@ def copies_to_device(counter: SyncCounter) -> Iterator[None]:
             mark(out)
         return out
 
-    modules = (shared_images, batching)  # batching imports it by name
+    # every module that imported it by name
+    modules = [m for m in list(sys.modules.values()) if getattr(m, "to_device", None) is original]
     for m in modules:
         m.to_device = to_device
     try:

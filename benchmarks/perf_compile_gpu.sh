@@ -10,6 +10,10 @@
 #    opd-master-compiled-parts, opd-master-compiled-layers). B: the same at the Qwen3-VL-4B shape
 #    (SHAPE4B=0: not run), GRPO only by default: the 4B Vision-OPD step does not fit 80 GB with
 #    bf16_weights (2026-12-07). C: 4 prompts x 8 rollouts in micro-batches of 16 (SECOND=0: not run).
+# BASE=build/head (a tree with benchmarks/ and src/ of another commit, carried along; made with
+#   rm -rf build/head && mkdir -p build/head && git archive HEAD benchmarks src | tar -x -C build/head)
+#   first runs VARIANTS_BASE of that tree at A's shape, and at B's shape VARIANTS4B_BASE: the
+#   baseline on the same machine (perf1-base, perf4b-base).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
 # $OUT/perf.tar (a call returns at most 8 files), packed again after each run.
 set -uo pipefail
@@ -23,27 +27,39 @@ SHAPE4B=${SHAPE4B:-1}  # 0: no Qwen3-VL-4B run
 VARIANTS4B=${VARIANTS4B:-grpo-master,grpo-master-compiled}
 SECOND=${SECOND:-1}  # 0: no 4-prompt run
 VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the 4-prompt run's
+BASE=${BASE:-}  # a baseline tree (see above); empty: none
+VARIANTS_BASE=${VARIANTS_BASE:-opd-master-compiled,grpo-master-compiled}
+VARIANTS4B_BASE=${VARIANTS4B_BASE:-grpo-master-compiled}
+STEPS=${STEPS:-4}  # timed steps per variant (2-step medians moved by 10-40% with variant order)
 RES=/tmp/zl-perf-results  # the runs write here; $OUT gets only perf.tar
 rm -rf "$RES" && mkdir -p "$RES"
 pack() {  # after each run, so that a call cut short at its limit still returns what ran before
-  tar cf "$OUT/perf.tar.tmp" -C "$RES" $(cd "$RES" && ls -d perf1 perf4b perf4 2>/dev/null) && mv "$OUT/perf.tar.tmp" "$OUT/perf.tar"
+  tar cf "$OUT/perf.tar.tmp" -C "$RES" $(cd "$RES" && ls -d perf* 2>/dev/null) && mv "$OUT/perf.tar.tmp" "$OUT/perf.tar"
+}
+perf() {  # perf() TREE NAME ARGS...: perf_3b.py of TREE (its own src first), results in $RES/NAME
+  local tree=$1 name=$2
+  shift 2
+  (cd "$tree" && PYTHONPATH="$PWD/src:$PYTHONPATH" python3 benchmarks/perf_3b.py --out "$RES/$name" --parts train \
+    --steps "$STEPS" "$@" $EXTRA 2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn" | tail -60)
+  pack
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python3 benchmarks/perf_3b.py --out "$RES/perf1" --parts train --time-budget $((TOTAL / 2)) $EXTRA \
-  --variants "$VARIANTS" \
-  2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn"
-pack
+if [ -n "$BASE" ]; then
+  perf "$BASE" perf1-base --variants "$VARIANTS_BASE" --no-profile --time-budget $((TOTAL / 5))
+fi
+perf . perf1 --variants "$VARIANTS" --time-budget $((TOTAL * 2 / 5 - SECONDS / 2))
 left=$((TOTAL - SECONDS))
 if [ "$SHAPE4B" = 1 ] && [ "$left" -gt 90 ]; then
-  python3 benchmarks/perf_3b.py --shape qwen3-vl-4b --out "$RES/perf4b" --work /tmp/zoomless-perf3b-4b --parts train \
-    --variants "$VARIANTS4B" --steps 4 --time-budget $((left * 3 / 5)) $EXTRA \
-    2>&1 | grep -v -E "^ {6,}[0-9.]+ ms|UserWarning|warnings.warn" | tail -40
-  pack
+  if [ -n "$BASE" ]; then
+    perf "$BASE" perf4b-base --shape qwen3-vl-4b --work /tmp/zoomless-perf3b-4b --variants "$VARIANTS4B_BASE" \
+      --no-profile --time-budget $((left * 2 / 5))
+  fi
+  left=$((TOTAL - SECONDS))
+  [ "$SECOND" = 1 ] && left=$((left / 2))
+  perf . perf4b --shape qwen3-vl-4b --work /tmp/zoomless-perf3b-4b --variants "$VARIANTS4B" --time-budget "$left"
 fi
 left=$((TOTAL - SECONDS))
 if [ "$SECOND" = 1 ] && [ "$left" -gt 60 ]; then
-  python3 benchmarks/perf_3b.py --out "$RES/perf4" --work /tmp/zoomless-perf3b-4 --parts train --prompts 4 \
-    --micro 16 --variants "$VARIANTS4" --no-profile --time-budget "$left" $EXTRA \
-    2>&1 | grep -v -E "UserWarning|warnings.warn" | tail -20
+  perf . perf4 --work /tmp/zoomless-perf3b-4 --prompts 4 --micro 16 --variants "$VARIANTS4" --no-profile \
+    --time-budget "$left"
 fi
-pack

@@ -20,6 +20,7 @@ from zoomless.train.losses import grpo_advantages, k3_kl, ppo_clip_loss
 from zoomless.train.opd import train_opd
 from zoomless.train.sft import train_sft
 from zoomless.world.generate import generate_split
+from test_train_opd import prefetch_hits, same_run
 
 # ----------------------------------------------------------------------------- the loss, by hand
 
@@ -199,6 +200,24 @@ def test_resume_continues_exactly_with_several_updates(assets, tmp_path) -> None
     # later updates see a moved policy: the ratio is recomputed, and some tokens hit the clip
     assert any(r["ratio"] != 1.0 for r in a if r["zero_adv_groups"] < 1)
     assert any(r["clip_high"] + r["clip_low"] > 0 for r in a)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "hybrid"])
+def test_prefetched_prompts_train_exactly_as_prepared_in_the_step(assets, tmp_path, monkeypatch, objective) -> None:
+    """The next batch's prompts (the hybrid's teacher view too) prepared in the background during
+    a step train the same weights as prepared in the step (2 samples, batches of 1: a new epoch at step 3)."""
+    kw = dict(data=assets["world"], batch_size=1, max_steps=3, objective=objective)
+    if objective == "hybrid":
+        kw.update(topk=16)
+    with monkeypatch.context() as m:
+        hits = prefetch_hits(m)
+        train_grpo(_cfg(assets, tmp_path / "ahead", **kw))
+    assert hits == [False, True, True]
+    with monkeypatch.context() as m:
+        hits = prefetch_hits(m, ahead=False)
+        train_grpo(_cfg(assets, tmp_path / "sync", **kw))
+    assert hits == [False, False, False]
+    same_run(tmp_path / "ahead", tmp_path / "sync", ("", "teacher") if objective == "hybrid" else ("",))
 
 
 def test_kl_to_the_frozen_start_model(assets, tmp_path) -> None:

@@ -132,3 +132,31 @@ def test_positions_built_before_the_forward_are_the_models_own(family: str, data
     torch.testing.assert_close(ours, own, atol=0, rtol=0)
     assert not torch.allclose(other, own)
     assert with_positions(model, given) is given  # ids already there: nothing to do
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vision_bookkeeping_from_the_cpu_grid_is_the_towers_own(family: str, data: Path, tmp_path: Path) -> None:
+    """The vision tower given its rotary ids, cuts, windows or interpolation taps computed from the
+    batch's CPU grid (`models/vision_plan.py`) gives the same hidden states as computing them
+    itself, with and without shared images; a wrong grid changes them, so they are read."""
+    from dataclasses import replace
+
+    from zoomless.models import fast_vision
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / family, family=family, size="test"), dtype=torch.float32, device="cpu")
+    assert fast_vision.patch_vision_attention(model) > 0
+    samples = read_samples(data)
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    b = encode_prompt(processor, view_conversation(samples[1], "crop", "open", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
+    for prompts in ([a, b, a], [a, b]):  # shared images, then none
+        batch = build_batch(prompts, [[5, 6, 7], [8], [9, 10]][: len(prompts)], pad_id(processor))
+        grid = batch.inputs["image_grid_thw"]
+        assert torch.equal(batch.vision_grid, grid[:2]) and batch.vision_grid.device.type == "cpu"
+        wrong_grid = batch.vision_grid.clone()
+        wrong_grid[:, 1:] = wrong_grid[:, 1:].flip(-1)  # h and w swapped: same patch counts
+        assert not torch.equal(wrong_grid, batch.vision_grid)
+        with torch.no_grad():
+            own, ours, wrong = (response_hidden(model, replace(batch, vision_grid=g))
+                                for g in (None, batch.vision_grid, wrong_grid))
+        torch.testing.assert_close(ours, own, atol=0, rtol=0)
+        assert not torch.allclose(wrong, own)

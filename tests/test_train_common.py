@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from zoomless.engines.base import Generation
+from zoomless.sample import Sample
 from zoomless.train import recipes
 from zoomless.train.common import (
     DataIterator, build_optimizer, clip_inside_fused_step, filter_generations, warmup_constant_schedule,
 )
 from zoomless.train.config import ConfigError, OPDConfig, SFTConfig, load_config, parse_overrides
 from zoomless.train.ema import ema_update_, make_teacher
+from zoomless.train.screening import SampleScreen, ScreenedData
 
 REQUIRED = {"model_dir": "m", "data": "d.jsonl", "out_dir": "o"}
 
@@ -117,6 +119,48 @@ def test_data_iterator_epochs_and_state() -> None:
     it3 = DataIterator(5, batch_size=3, seed=1)
     it3.load_state_dict(it2.state_dict())
     assert [it3.next_batch() for _ in range(3)] == batches[2:]
+
+
+def test_peek_batch_is_the_next_batch_and_leaves_the_state() -> None:
+    """Across epoch boundaries (5 items, batches of 3), unshuffled, and with each process's slice."""
+    for shuffle in (True, False):
+        it = DataIterator(5, batch_size=3, seed=1, shuffle=shuffle)
+        for _ in range(6):
+            state = it.state_dict()
+            peeked = it.peek_batch()
+            assert it.state_dict() == state and it.peek_batch() == peeked
+            assert it.next_batch() == peeked
+    for rank in range(2):
+        it = DataIterator(5, batch_size=4, seed=3)
+        it.shard(rank, 2)
+        whole = DataIterator(5, batch_size=4, seed=3)
+        for _ in range(4):
+            peeked = it.peek_batch()
+            assert len(peeked) == 2 and it.next_batch() == peeked
+            assert peeked == whole.next_batch()[2 * rank : 2 * rank + 2]
+
+
+def test_peek_batch_of_screened_data_leaves_out_bad_samples() -> None:
+    """Known bad samples are left out and the batch topped up as `next_batch` does; a sample not
+    probed yet is assumed good (probing it would report it early): then the peek is only a guess."""
+    samples = [Sample(id=f"s{i}", image="unused.png", question="q") for i in range(7)]
+
+    def probe(s) -> None:
+        if s.id in ("s2", "s5"):
+            raise ValueError(f"{s.id}: broken")
+
+    data = ScreenedData(samples, 3, seed=4, screen=SampleScreen("skip", ["f.jsonl"] * 7, None))
+    data.probe = probe
+    wrong = 0
+    for _ in range(8):
+        state, bad = data.state_dict(), set(data.screen.bad)
+        peeked = data.peek_batch()
+        assert data.state_dict() == state  # the skipped set included
+        batch = data.next_batch()
+        wrong += batch != peeked
+        assert batch == peeked or set(data.screen.bad) > bad  # wrong only where a new bad sample was found
+    assert wrong and data.screen.bad.keys() == {2, 5}
+    assert data.peek_batch() == data.next_batch()
 
 
 def test_warmup_then_constant_and_no_decay_on_norms() -> None:

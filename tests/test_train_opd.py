@@ -1,6 +1,7 @@
 """Vision-OPD recipe on a tiny real model: the distillation signal, the EMA teacher, drops, exact resume."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from zoomless.train.batching import build_batch, encode_prompt
 from zoomless.train.common import checkpoint_dir, pad_id, view_conversation
 from zoomless.train.config import OPDConfig
 from zoomless.train.opd import check_views, distill_tokens, train_opd
+from zoomless.train.prefetch import Prefetcher
 from zoomless.world.generate import generate_split
 
 
@@ -125,6 +127,50 @@ def test_resume_continues_exactly(assets, tmp_path) -> None:
             assert torch.equal(t, p2[name]), f"{sub or 'student'}: {name}"
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["jsd"] for r in a] == [r["jsd"] for r in b] and len(b) == 4
+
+
+def prefetch_hits(monkeypatch, ahead: bool = True) -> list[bool]:
+    """Whether each step's prompts came from the prefetch; `ahead=False`: nothing is prefetched,
+    every step prepares its prompts itself (the synchronous path)."""
+    hits: list[bool] = []
+    get = Prefetcher.get
+
+    def counted(self, key, fn):
+        before = self.hits
+        out = get(self, key, fn)
+        hits.append(self.hits > before)
+        return out
+
+    monkeypatch.setattr(Prefetcher, "get", counted)
+    if not ahead:
+        monkeypatch.setattr(Prefetcher, "ahead", lambda self, key, fn: None)
+    return hits
+
+
+def same_run(a: Path, b: Path, subdirs: tuple[str, ...]) -> None:
+    """Bit-identical weights and metrics (but the seconds) in two runs' output folders."""
+    for sub in subdirs:
+        p1, p2 = _params(checkpoint_dir(a, 3) / sub), _params(checkpoint_dir(b, 3) / sub)
+        for name, t in p1.items():
+            assert torch.equal(t, p2[name]), f"{sub or 'student'}: {name}"
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds/")} for r in rows]  # noqa: E731
+    assert drop(_metrics(a)) == drop(_metrics(b))
+
+
+def test_prefetched_prompts_train_exactly_as_prepared_in_the_step(assets, tmp_path, monkeypatch) -> None:
+    """Each step's prompts rendered and encoded in the background during the step before (across
+    an epoch boundary: 4 samples, batches of 2) train the same weights as prepared in the step."""
+    kw = dict(max_steps=3, crop_anchor=1.0)  # the anchor puts student and teacher prompts in one batch
+    with monkeypatch.context() as m:
+        hits = prefetch_hits(m)
+        train_opd(_cfg(assets, tmp_path / "ahead", **kw))
+    assert hits == [False, True, True]
+    assert not [t for t in threading.enumerate() if t.name.startswith("zoomless-prefetch")]  # closed
+    with monkeypatch.context() as m:
+        hits = prefetch_hits(m, ahead=False)
+        train_opd(_cfg(assets, tmp_path / "sync", **kw))
+    assert hits == [False, False, False]
+    same_run(tmp_path / "ahead", tmp_path / "sync", ("", "teacher"))
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

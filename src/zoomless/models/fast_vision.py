@@ -36,6 +36,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from zoomless.transfer import to_device
+
 VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
 # Backends whose attention takes any batch of dense [n, heads, L, d] tensors without a mask.
 BATCHABLE = ("sdpa", "eager")
@@ -64,10 +66,21 @@ def chunk_plan(cu_seqlens: torch.Tensor, seq: int) -> Plan | None:
     if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, seq):
         return hit[3]
     plan = _make_plan(cu_seqlens.tolist(), seq, cu_seqlens.device)
+    _remember(cu_seqlens, seq, plan)
+    return plan
+
+
+def plan_from_host(cu_seqlens: torch.Tensor, bounds: list[int]) -> None:
+    """Plan `cu_seqlens` (a GPU tensor) from its values `bounds`, known on the host, so that no
+    layer reads them back (`models/vision_plan.py`). The plan is for the sequence they tile."""
+    if not cu_seqlens.is_inference() and bounds:
+        _remember(cu_seqlens, bounds[-1], _make_plan(bounds, bounds[-1], cu_seqlens.device))
+
+
+def _remember(cu_seqlens: torch.Tensor, seq: int, plan: Plan | None) -> None:
     if len(_plans) > 16:  # plans live for one forward; keep the cache from growing
         _plans.clear()
-    _plans[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, seq, plan)
-    return plan
+    _plans[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, seq, plan)
 
 
 def _make_plan(bounds: list[int], seq: int, device: torch.device) -> Plan | None:
@@ -83,11 +96,11 @@ def _make_plan(bounds: list[int], seq: int, device: torch.device) -> Plan | None
     if len(by_length) == 1:
         return [(next(iter(by_length)), None)], None
     groups, positions = [], []
-    for length, starts in sorted(by_length.items()):
-        index = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
-        groups.append((length, index))
+    for length, starts in sorted(by_length.items()):  # built on the CPU, sent without blocking
+        index = torch.tensor(starts)[:, None] + torch.arange(length)
+        groups.append((length, to_device(index, device)))
         positions.append(index.reshape(-1))
-    return groups, torch.argsort(torch.cat(positions))
+    return groups, to_device(torch.argsort(torch.cat(positions)), device)
 
 
 def grouped_attention(

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from zoomless.engines.base import Conversation
-from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, to_device, vision_module
+from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, vision_module
+from zoomless.models.vision_plan import bookkeeping_on_host
+from zoomless.transfer import to_device
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -52,6 +54,7 @@ class TeacherForcingBatch:
     targets: Tensor  # [N] the response token ids
     lengths: list[int]  # response length of each sequence (N = sum)
     sharing: ImageSharing | None = None  # rows that share a prompt share its images: encode them once
+    vision_grid: Tensor | None = None  # on the CPU: the grids of the images the vision tower encodes
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +64,7 @@ class TeacherForcingBatch:
         return TeacherForcingBatch(
             {k: to_device(v, device) for k, v in self.inputs.items()},
             to_device(self.rows, device), to_device(self.positions, device), to_device(self.targets, device),
-            self.lengths, None if self.sharing is None else self.sharing.to(device),
+            self.lengths, None if self.sharing is None else self.sharing.to(device), self.vision_grid,
         )
 
 
@@ -103,8 +106,11 @@ def build_batch(
         given = distinct if key == "pixel_values" else prompts
         inputs[key] = torch.cat([p.vision[key] for p in given if key in p.vision])
     targets = torch.cat([torch.as_tensor(list(r), dtype=torch.long) for r in responses])
+    grid = inputs.get("image_grid_thw")
+    if grid is not None and sharing is not None:
+        grid = grid[sharing.keep]  # encode_once hands the tower the first copy of each image
     return TeacherForcingBatch(inputs, torch.cat(rows), torch.cat(positions), targets, [len(r) for r in responses],
-                               sharing)
+                               sharing, grid)
 
 
 def with_positions(model: nn.Module, batch: TeacherForcingBatch) -> TeacherForcingBatch:
@@ -153,10 +159,13 @@ def lm_head(model: nn.Module) -> nn.Module:
 
 
 def backbone_hidden(model: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor,
-                    sharing: ImageSharing | None = None) -> Tensor:
+                    sharing: ImageSharing | None = None, vision_grid: Tensor | None = None) -> Tensor:
     """Final hidden states of an HF VLM's backbone at (rows, positions): [N, H], without the LM head.
-    With `sharing`, each distinct image is encoded once (`train/shared_images.py`)."""
-    with encode_once(vision_module(model), sharing):
+    With `sharing`, each distinct image is encoded once (`train/shared_images.py`); with
+    `vision_grid` (the CPU copy of the encoded images' grids) the vision tower's bookkeeping is
+    done on the CPU (`models/vision_plan.py`)."""
+    visual = vision_module(model)
+    with encode_once(visual, sharing), bookkeeping_on_host(visual, vision_grid):  # in this order
         out = model.model(**inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[rows, positions]
@@ -185,10 +194,11 @@ class ResponseModel(nn.Module):
     def forward(
         self, inputs: dict[str, Tensor] | None, rows: Tensor | None = None, positions: Tensor | None = None,
         generate: dict[str, Any] | None = None, sharing: ImageSharing | None = None,
+        vision_grid: Tensor | None = None,
     ) -> Any:
         if generate is not None:  # a whole `generate` call inside the root's forward hooks (FSDP)
             return type(self.vlm).generate(self.vlm, **generate)
-        return backbone_hidden(self.vlm, inputs, rows, positions, sharing)
+        return backbone_hidden(self.vlm, inputs, rows, positions, sharing, vision_grid)
 
 
 def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
@@ -199,5 +209,5 @@ def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
     `ResponseModel` around one (maybe inside DDP, or sharded by FSDP), called through its forward.
     """
     if isinstance(getattr(model, "module", model), ResponseModel):
-        return model(batch.inputs, batch.rows, batch.positions, sharing=batch.sharing)
-    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions, batch.sharing)
+        return model(batch.inputs, batch.rows, batch.positions, sharing=batch.sharing, vision_grid=batch.vision_grid)
+    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions, batch.sharing, batch.vision_grid)

@@ -12,12 +12,14 @@ Everything runs on one process or data-parallel on several (`accelerate launch`,
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -28,7 +30,7 @@ from torch import nn
 from zoomless.engines.base import Conversation, Engine, Generation, SamplingParams
 from zoomless.sample import Sample, read_samples
 from zoomless.train.batching import (
-    PromptEncoding, TeacherForcingBatch, build_batch, lm_head, response_hidden, with_positions,
+    PromptEncoding, TeacherForcingBatch, build_batch, encode_prompt, lm_head, response_hidden, with_positions,
 )
 from zoomless.train.distributed import (
     Dist,
@@ -42,6 +44,7 @@ from zoomless.train.distributed import (
 )
 from zoomless.train.losses import chunked_logprobs
 from zoomless.train.master import MasterWeights
+from zoomless.train.prefetch import Prefetcher
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -226,6 +229,25 @@ class DataIterator:
 
     def global_batch(self) -> list[int]:
         return self.take(self.batch_size)
+
+    def peek_batch(self) -> list[int]:
+        """The indices `next_batch` gives next, the state left exactly as it is (a checkpoint saves
+        it): what the next step's prompts are prepared for ahead of time (`step_prompts`)."""
+        batch = self.peek_global_batch()
+        return batch[self.offset : self.offset + self.batch_size // self.world]
+
+    def peek_global_batch(self) -> list[int]:
+        with self.state_kept():
+            return self.take(self.batch_size)
+
+    @contextlib.contextmanager
+    def state_kept(self) -> Iterator[None]:
+        """Draw inside the block as far as you like: the order's state is restored after it."""
+        epoch, position = self.epoch, self.position
+        try:
+            yield
+        finally:
+            self.epoch, self.position = epoch, position
 
     def take(self, n: int) -> list[int]:
         """The next `n` indices of the order (more than a batch replace bad samples, `train/screening.py`)."""
@@ -568,9 +590,13 @@ def rollout_batch(run: "Run", prompts: Sequence[PromptEncoding], rollouts: Seque
 def device_batch(
     run: "Run", prompts: Sequence[PromptEncoding], responses: Sequence[Sequence[int]], distinct_pixels: bool = True
 ) -> TeacherForcingBatch:
-    """`build_batch` on the CPU, with the position ids made there (`with_positions`), sent to the run's device."""
-    batch = build_batch(prompts, responses, pad_id(run.processor), distinct_pixels)
-    return with_positions(run.model, batch).to(run.device)
+    """`build_batch` on the CPU, with the position ids made there (`with_positions`), sent to the run's device.
+    A batch without padding goes without its all-ones attention mask: transformers would read it
+    back from the GPU to find that out (a host sync per forward), then attend causally, as without."""
+    batch = with_positions(run.model, build_batch(prompts, responses, pad_id(run.processor), distinct_pixels))
+    if "position_ids" in batch.inputs and bool(batch.inputs["attention_mask"].all()):
+        batch = replace(batch, inputs={k: v for k, v in batch.inputs.items() if k != "attention_mask"})
+    return batch.to(run.device)
 
 
 @torch.no_grad()
@@ -601,6 +627,47 @@ def view_conversation(
 
     image, question = render_view(sample, view, crop_margin=crop_margin, zoom=zoom, max_pixels=max_pixels)
     return conversation([image], format_question(sample, question, form))
+
+
+@dataclass
+class StepPrompts:
+    """A batch's prompts: each sample in the student's view (the conversation the rollout engine
+    samples under, and its encoding) and, where the recipe has a teacher, encoded in the teacher's view."""
+
+    conversations: list[Conversation]
+    student: list[PromptEncoding]
+    teacher: list[PromptEncoding] | None
+
+
+def encode_views(
+    processor: Any, samples: Sequence[Sample], student_view: str, teacher_view: str | None, view: dict[str, Any]
+) -> StepPrompts:
+    """Render and encode a batch's views (`view`: `view_conversation`'s keyword arguments). Pure:
+    no random draws, the same prompts on any thread."""
+    conversations = [view_conversation(s, student_view, **view) for s in samples]
+    student = [encode_prompt(processor, c) for c in conversations]
+    teacher = None
+    if teacher_view is not None:
+        teacher = [encode_prompt(processor, view_conversation(s, teacher_view, **view)) for s in samples]
+    return StepPrompts(conversations, student, teacher)
+
+
+def step_prompts(
+    run: "Run", indices: Sequence[int], student_view: str, teacher_view: str | None, view: dict[str, Any]
+) -> StepPrompts:
+    """The prompts of this step's batch (`indices`, from `run.data.next_batch()`), and the next
+    batch's started in the background (`run.prefetch`): they need no weights, so rendering and
+    encoding them overlaps this step's rollout, forwards and backwards. The prefetch is a cache
+    keyed by the indices and the views: what comes back is what `encode_views` gives here."""
+    views = (student_view, teacher_view, tuple(sorted(view.items())))
+
+    def prepare(batch: Sequence[int], processor: Any) -> Callable[[], StepPrompts]:
+        return lambda: encode_views(processor, [run.samples[i] for i in batch], student_view, teacher_view, view)
+
+    prompts = run.prefetch.get((views, tuple(indices)), prepare(indices, run.processor))
+    upcoming = run.data.peek_batch()
+    run.prefetch.ahead((views, tuple(upcoming)), prepare(upcoming, run.worker_processor))
+    return prompts
 
 
 def end_of_turn_id(model: nn.Module, processor: Any) -> int:
@@ -641,9 +708,17 @@ class Run:
     policy: nn.Module  # what training forwards go through: a ResponseModel around `model` (in DDP, or sharded)
     dist: Dist  # this process among the training processes (one, without a launcher)
     master: MasterWeights | None = None  # bf16_weights: the fp32 weights the optimizer updates
+    prefetch: Prefetcher = field(default_factory=Prefetcher)  # the next batch's prompts, made during this step
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
+
+    @functools.cached_property
+    def worker_processor(self) -> Any:
+        """The processor the prefetch thread encodes with: a copy of its own, since a fast tokenizer
+        called from two threads at once may fail ("Already borrowed": one call changing its padding
+        settings while the other encodes) and the main thread's engine uses `processor`."""
+        return copy.deepcopy(self.processor)
 
     def fp32_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The model's weights at full precision when `model` holds bf16 copies; None otherwise (then
@@ -735,6 +810,7 @@ def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_m
             if should_save(step, cfg.max_steps, cfg.save_every):
                 final = save_checkpoint(run, cfg.out_dir, step, extra_models)
     finally:
+        run.prefetch.close()  # the worker thread; a batch prepared beyond the last step is dropped
         logger.close()
     return final if final is not None else checkpoint_dir(cfg.out_dir, cfg.max_steps)  # resumed a finished run
 

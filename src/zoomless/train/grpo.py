@@ -24,7 +24,7 @@ from torch import nn
 
 from zoomless.engines.base import Engine
 from zoomless.sample import Sample
-from zoomless.train.batching import PromptEncoding, encode_prompt, lm_head, response_hidden
+from zoomless.train.batching import PromptEncoding, lm_head, response_hidden
 from zoomless.train.common import (
     Rollout,
     Run,
@@ -42,8 +42,8 @@ from zoomless.train.common import (
     sampled_logprobs,
     sampling_params,
     start_run,
+    step_prompts,
     train_loop,
-    view_conversation,
 )
 from zoomless.train.config import GRPOConfig
 from zoomless.train.distributed import shard_like_policy
@@ -64,7 +64,7 @@ from zoomless.train.opd import (
     view_kwargs,
 )
 from zoomless.train.rewards import Judge, build_judge, score_responses
-from zoomless.train.shared_images import to_device
+from zoomless.transfer import to_device
 
 PPO_STATS = ("clip_high", "clip_low", "dual_clip", "ratio", "approx_kl")
 
@@ -229,13 +229,16 @@ def grpo_step(
     teacher: nn.Module | None = None,
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
-    batch = [run.samples[i] for i in run.data.next_batch()]
-    view = view_kwargs(cfg)
+    indices = run.data.next_batch()
+    batch = [run.samples[i] for i in indices]
+    teacher_view = cfg.teacher_view if cfg.objective == "hybrid" else None
+    # the views, rendered and encoded (ready when the last step prepared them in the background),
+    # and the next batch's started now, before this step queues the GPU work they overlap
     with timer("prompts"):
-        convs = [view_conversation(s, cfg.student_view, **view) for s in batch]
+        prompts = step_prompts(run, indices, cfg.student_view, teacher_view, view_kwargs(cfg))
     with timer("rollout"):
         rb = rollout(
-            engine, convs, sampling_params(cfg, step, run.dist.rank), banned_ids, model=run.model,
+            engine, prompts.conversations, sampling_params(cfg, step, run.dist.rank), banned_ids, model=run.model,
             autocast_ctx=run.autocast(), policy=run.policy,
         )
     metrics: dict[str, float] = rollout_counts(rb, run.dist)
@@ -260,12 +263,7 @@ def grpo_step(
     metrics["zero_adv_groups"] = 1.0 - counts["signal"] / counts["groups"]  # groups whose rewards were all equal
     metrics["advantage_abs"] = counts["advantage_abs"] / counts["rollouts"]
 
-    with timer("prompts"):
-        student_prompts = [encode_prompt(run.processor, c) for c in convs]
-        teacher_prompts = None
-        if cfg.objective == "hybrid":
-            teacher_prompts = [encode_prompt(run.processor, view_conversation(s, cfg.teacher_view, **view)) for s in batch]
-
+    student_prompts, teacher_prompts = prompts.student, prompts.teacher
     plan = even_plan(run, plan_updates(rollouts, advantages, cfg.mini_batches, cfg.micro_batch_size))
     off_policy = cfg.updates_per_batch * len(plan) > 1  # later updates need the sampling policy's log-probs
     if off_policy or reference is not None:

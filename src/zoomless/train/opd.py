@@ -25,7 +25,7 @@ from torch import nn
 
 from zoomless.engines.base import Engine
 from zoomless.sample import Sample
-from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, encode_prompt, lm_head, response_hidden
+from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, lm_head, response_hidden
 from zoomless.train.common import (
     Rollout,
     Run,
@@ -42,6 +42,7 @@ from zoomless.train.common import (
     sampled_logprobs,
     sampling_params,
     start_run,
+    step_prompts,
     train_loop,
     view_conversation,
 )
@@ -216,25 +217,23 @@ def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float,
 def opd_step(
     cfg: OPDConfig, run: Run, teacher: nn.Module, engine: Engine, banned_ids: list[int], step: int, timer: Timer
 ) -> dict[str, float]:
-    batch = [run.samples[i] for i in run.data.next_batch()]
-    view = view_kwargs(cfg)
+    indices = run.data.next_batch()
+    # the views, rendered and encoded (ready when the last step prepared them in the background),
+    # and the next batch's started now, before this step queues the GPU work they overlap
     with timer("prompts"):
-        student_convs = [view_conversation(s, cfg.student_view, **view) for s in batch]
+        prompts = step_prompts(run, indices, cfg.student_view, cfg.teacher_view, view_kwargs(cfg))
     with timer("rollout"):
         params = sampling_params(cfg, step, run.dist.rank)
         rb = rollout(
-            engine, student_convs, params, banned_ids, model=run.model, autocast_ctx=run.autocast(), policy=run.policy
+            engine, prompts.conversations, params, banned_ids, model=run.model, autocast_ctx=run.autocast(),
+            policy=run.policy,
         )
     metrics: dict[str, float] = rollout_counts(rb, run.dist)
     total = run.dist.sum({"tokens": float(sum(len(r.token_ids) for r in rb.rollouts))})["tokens"]  # all processes
     if total == 0:  # nothing to distill: no update, the teacher stays as it is
         metrics.update(tokens=0.0, skipped=1.0)
         return metrics
-    with timer("prompts"):
-        student_prompts = [encode_prompt(run.processor, c) for c in student_convs]
-        teacher_prompts = [
-            encode_prompt(run.processor, view_conversation(s, cfg.teacher_view, **view)) for s in batch
-        ]
+    student_prompts, teacher_prompts = prompts.student, prompts.teacher
     micro = even_micro_batches(run.dist, rb.rollouts, cfg.micro_batch_size, padding_rollout(run))
     old = None
     if cfg.is_clip is not None and cfg.updates_per_batch > 1:

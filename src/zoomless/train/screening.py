@@ -178,6 +178,16 @@ class ScreenedData(DataIterator):
             batch.extend(i for i in self.take(self.batch_size - len(batch)) if self._usable(i))
         return batch
 
+    def peek_global_batch(self) -> list[int]:
+        # `global_batch` as it will be if the samples not probed yet pass (probing here would report a
+        # bad one a step early). A sample found bad meanwhile makes it a wrong guess, which only costs
+        # the prefetch keyed by it (train/prefetch.py).
+        batch: list[int] = []
+        with self.state_kept():
+            while len(batch) < self.batch_size and len(self.screen.bad) < self.n_items:
+                batch.extend(i for i in self.take(self.batch_size - len(batch)) if i not in self.screen.bad)
+        return batch
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "bad": [asdict(b) for b in self.screen.bad.values()]}
 

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from zoomless.transfer import to_device
+
 
 @dataclass
 class ImageSharing:
@@ -37,17 +39,6 @@ class ImageSharing:
 
     def to(self, device: torch.device | str) -> "ImageSharing":
         return self  # stays on the CPU: the hooks build their indices there and send only those
-
-
-def to_device(t: Tensor, device: torch.device | str) -> Tensor:
-    """`t` on `device`. A CPU tensor goes to a GPU from pinned memory without blocking: a plain
-    `.to("cuda")` waits for everything queued on the GPU before it returns."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def sharing_of(image_owners: list[int], patches: Tensor | None = None) -> ImageSharing | None:
