@@ -79,20 +79,26 @@ def free_memory(run: Any) -> None:
 
 def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, Any]:
     """Median seconds of `steps` steps after `warmup`, the mean seconds per phase (the recipes'
-    Timer: phases are host-side and approximate, the step time is synchronised) and peak memory."""
-    from zoomless.train.common import Timer
+    Timer: phases are host-side and approximate, the step time is synchronised) and peak memory.
+    Python's garbage collector runs between the steps, as in `train_loop` (its time is counted)."""
+    from zoomless.train.common import CollectBetweenSteps, Timer
 
-    for _ in range(warmup):
-        step(Timer())
+    collector = CollectBetweenSteps()
+    for i in range(warmup):
+        with collector:
+            step(Timer())
+        collector.after_step(i + 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds, phases = [], {}
-    for _ in range(steps):
+    for i in range(steps):
         timer = Timer()
         sync(cuda)
         t0 = time.perf_counter()
-        step(timer)
+        with collector:
+            step(timer)
         sync(cuda)
+        collector.after_step(warmup + i + 1)
         seconds.append(time.perf_counter() - t0)
         for k, v in timer.seconds.items():
             phases[k] = phases.get(k, 0.0) + v / steps

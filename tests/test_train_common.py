@@ -202,3 +202,40 @@ def test_clip_inside_the_fused_adamw_step_is_clipping_first() -> None:
     for p, b, m in zip(ours, before, moments):
         assert torch.equal(p, b) and torch.equal(opt_ours.state[p]["exp_avg"], m)
         assert float(opt_ours.state[p]["step"]) == 3
+
+
+def test_garbage_is_collected_between_steps_not_inside_them(monkeypatch) -> None:
+    import gc
+    import weakref
+
+    from zoomless.train.common import CollectBetweenSteps
+
+    class Node:
+        pass
+
+    collector = CollectBetweenSteps(full_every=3)
+    assert gc.isenabled()
+    with collector:
+        assert not gc.isenabled()  # no automatic collection inside a step
+        node = Node()
+        node.self = node  # a reference cycle: only the cyclic collector frees it
+        alive = weakref.ref(node)
+        del node
+        garbage = [[i] for i in range(5000)]  # allocations enough to start collections, were they on
+        del garbage
+        assert alive() is not None
+    assert gc.isenabled()  # restored
+    collector.after_step(1)
+    assert alive() is None  # the young generations, collected between steps
+    generations = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: generations.append(generation) or 0)
+    for step in (1, 2, 3, 4):
+        collector.after_step(step)
+    assert generations == [1, 1, 2, 1]  # everything every `full_every` steps
+    gc.disable()
+    try:
+        with collector:
+            pass
+        assert not gc.isenabled()  # a collector switched off before stays off
+    finally:
+        gc.enable()

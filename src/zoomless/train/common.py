@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import json
 import math
 import random
@@ -787,6 +788,33 @@ def should_save(step: int, max_steps: int, save_every: int) -> bool:
 StepFn = Callable[[int, Timer], dict[str, float]]
 
 
+class CollectBetweenSteps:
+    """Python's cyclic garbage collector run between training steps instead of inside them.
+
+    A run holds about half a million Python objects (transformers, torch, compiled graphs): a full
+    collection of them took 225 ms on this project's CPU machine, where Python starts one every
+    few steps, at whatever point of a step the allocation counts cross its threshold. Inside a step
+    the GPU, whose launch queue the host keeps only a few milliseconds ahead, idles that long.
+    Here automatic collection is off within the block; `after_step` collects the young generations
+    (a few ms) and, every `full_every` steps, everything (torchtitan does the same)."""
+
+    def __init__(self, full_every: int = 100) -> None:
+        self.full_every = full_every
+        self.was_enabled = gc.isenabled()
+
+    def __enter__(self) -> "CollectBetweenSteps":
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+        return self
+
+    def after_step(self, step: int) -> None:
+        gc.collect(2 if step % self.full_every == 0 else 1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.was_enabled:
+            gc.enable()
+
+
 def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_models: dict[str, nn.Module] | None = None) -> Path:
     """The loop every recipe shares: `step_fn(step, timer)` from the start step to max_steps, with
     metrics (plus seconds per phase) logged every `log_every` steps and checkpoints every
@@ -795,10 +823,13 @@ def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_m
         cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=show, enabled=run.dist.is_main
     )
     final = None
+    collector = CollectBetweenSteps()
     try:
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             timer = Timer()
-            metrics = step_fn(step, timer)
+            with collector:
+                metrics = step_fn(step, timer)
+            collector.after_step(step)
             metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
             screen = getattr(run.data, "screen", None)
             if screen is not None:  # samples skipped so far (on_bad_sample: skip)
