@@ -55,7 +55,8 @@ GEN_VARIANTS = {  # HFEngine options
     "static+compile": {"cache_implementation": "static"},  # transformers compiles the decode step on CUDA
 }
 TRAIN_VARIANTS = ("hf-plain", "opd", "grpo", "opd-compiled", "opd-master", "grpo-master", "opd-master-compiled-parts", "opd-master-compiled-layers",
-                  "opd-master-compiled", "grpo-master-compiled", "opd-master-compiled-keep", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
+                  "opd-master-compiled", "grpo-master-compiled", "opd-master-compiled-sync", "grpo-master-compiled-sync",
+                  "opd-master-compiled-keep", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
                   "opd-bf16-nogc-frozen-vision", "opd-bf16-aligned", "opd-bf16-aligned-fused",
                   "opd-bf16-aligned-fused-compiled")  # perf_3b_train.py runs them in this order
 # Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) from the vendor's data sheets, first match wins.
@@ -363,14 +364,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"## Training step: {s['prompts']} prompt(s) x {s['rollouts']} rollouts x {s['response_tokens']} "
                   f"response tokens, {s['student_sequence_tokens']:.0f} tokens per student sequence "
                   f"(teacher {s['teacher_sequence_tokens']:.0f}), padding {s['student_padding_share']:.1%}", "",
-                  "| variant | s/step | seq tok/s | resp tok/s | TFLOP/step | MFU | HFU | peak GiB | phases (s) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| variant | s/step (median) | mean | seq tok/s | resp tok/s | TFLOP/step | MFU | HFU | peak GiB | phases (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in t["variants"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | {r['error']} | | | | | | | |")
+                lines.append(f"| {r['variant']} | {r['error']} | | | | | | | | |")
                 continue
             phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items() if v >= 0.005)
-            lines.append(f"| {r['variant']} | {r['seconds_per_step']:.2f} | {r['sequence_tokens_per_s']:.0f} | "
+            mean = fmt(r.get("seconds_per_step_mean"), ".2f")  # absent in older results
+            lines.append(f"| {r['variant']} | {r['seconds_per_step']:.2f} | {mean} | {r['sequence_tokens_per_s']:.0f} | "
                          f"{r['response_tokens_per_s']:.0f} | {r['model_tflop_per_step']:.1f} | {fmt(r['mfu'], '.1%')} | "
                          f"{fmt(r['hfu'], '.1%')} | {fmt(r['peak_memory_gib'], '.1f')} | {phases} |")
         fc = t.get("flop_check", {})
@@ -447,7 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uncheckpointed", type=int, default=24,
                    help="opd-master-compiled-keep: decoder layers without checkpointing, first try (halved on OOM)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 2; 1 with --tiny)")
     p.add_argument("--variants", default="", help="training variants to run, comma-separated (default: all of "
                    f"{', '.join(TRAIN_VARIANTS)})")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="no torch.profiler runs")
@@ -467,9 +469,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.work = a.work or Path("/tmp/zoomless-perf3b" + ("" if a.shape == "qwen2.5-vl-3b" else f"-{a.shape}"))
     if a.tiny:
         a.shape, a.image_size, a.max_pixels, a.prompts, a.rollouts, a.response_len = "test", 448, 112 * 112, 2, 2, 8
-        a.micro, a.nogc_micro, a.steps, a.gen_batches, a.gen_tokens = 2, 2, 1, "1,2", 4
+        a.micro, a.nogc_micro, a.gen_batches, a.gen_tokens = 2, 2, "1,2", 4
+        a.steps = a.steps or 1
         a.tool_samples, a.tool_batch, a.tool_tokens = 2, 2, 4
         a.work = a.work.with_name(a.work.name + "-tiny")
+    a.steps = a.steps or 2
     a.work, a.out = a.work.resolve(), a.out.resolve()
     a.parts = [x for x in a.parts.split(",") if x]
     a.gen_batches = [int(x) for x in str(a.gen_batches).split(",")]

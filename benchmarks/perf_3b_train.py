@@ -104,6 +104,8 @@ def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, A
             phases[k] = phases.get(k, 0.0) + v / steps
     return {
         "seconds_per_step": statistics.median(seconds),
+        "seconds_per_step_mean": statistics.fmean(seconds),  # a rare pause moves the mean, not the median
+        "step_seconds": seconds,
         "phases_s": phases,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
@@ -297,6 +299,25 @@ def grpo_step_fn(cfg: Any, run: Any, engine: Any, banned: list[int], counter: It
     from zoomless.train.grpo import grpo_step
 
     return lambda timer: grpo_step(cfg, run, engine, banned, next(counter), timer)
+
+
+def on_main_thread(run: Any, step: StepFn) -> StepFn:
+    """`step` with its prompts prepared on the main thread, as before `train/prefetch.py`: what the
+    prefetch thread saves, or costs (it shares the GIL with the thread that launches the kernels)."""
+    from zoomless.train.prefetch import Prefetcher
+
+    class NoAhead(Prefetcher):
+        def ahead(self, key: Any, fn: Any) -> None:
+            pass
+
+    def run_step(timer: Any) -> Any:
+        prefetch, run.prefetch = run.prefetch, NoAhead()
+        try:
+            return step(timer)
+        finally:
+            run.prefetch = prefetch
+
+    return run_step
 
 
 def grpo_config(cfg: Any) -> Any:
@@ -496,7 +517,11 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         compiled_variants(("opd-master-compiled-layers", opd, "as opd-master, whole decoder layers, vision block parts"),
                           whole_vision=False)
         compiled_variants(("opd-master-compiled", opd, "as opd-master"),
-                          ("grpo-master-compiled", grpo, "as grpo-master"))
+                          ("grpo-master-compiled", grpo, "as grpo-master"),
+                          ("opd-master-compiled-sync", on_main_thread(run, opd),
+                           "as opd-master, the prompts prepared on the main thread (no prefetch)"),
+                          ("grpo-master-compiled-sync", on_main_thread(run, grpo),
+                           "as grpo-master, the prompts prepared on the main thread (no prefetch)"))
         keep, layers = a.uncheckpointed, len(run.model.get_decoder().layers)
         while keep and wanted("opd-master-compiled-keep"):  # halved on out-of-memory, as nogc's micro-batch
             set_checkpointing(run.model, True, keep)
