@@ -301,25 +301,6 @@ def grpo_step_fn(cfg: Any, run: Any, engine: Any, banned: list[int], counter: It
     return lambda timer: grpo_step(cfg, run, engine, banned, next(counter), timer)
 
 
-def on_main_thread(run: Any, step: StepFn) -> StepFn:
-    """`step` with its prompts prepared on the main thread, as before `train/prefetch.py`: what the
-    prefetch thread saves, or costs (it shares the GIL with the thread that launches the kernels)."""
-    from zoomless.train.prefetch import Prefetcher
-
-    class NoAhead(Prefetcher):
-        def ahead(self, key: Any, fn: Any) -> None:
-            pass
-
-    def run_step(timer: Any) -> Any:
-        prefetch, run.prefetch = run.prefetch, NoAhead()
-        try:
-            return step(timer)
-        finally:
-            run.prefetch = prefetch
-
-    return run_step
-
-
 def grpo_config(cfg: Any) -> Any:
     """The GRPO config of the same run (the OPD-only fields left out, as GRPOConfig demands)."""
     from zoomless.train.config import OPD_ONLY_FIELDS, GRPOConfig
@@ -501,6 +482,11 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     opd = opd_step_fn(cfg, run, run.model, engine, banned, counter)
     add("opd", opd, "Vision-OPD step, fp32 weights, teacher = live student", teacher=True, gc_on=True, micro=a.micro)
     grpo = grpo_step_fn(grpo_config(cfg), run, engine, banned, counter)
+    # the prompts prepared on the main thread at the start of each step, as before train/prefetch.py:
+    # what the prefetch thread saves, or costs (it shares the GIL with the thread launching kernels)
+    sync_cfg = cfg.model_copy(update={"prefetch_prompts": False})
+    opd_sync = opd_step_fn(sync_cfg, run, run.model, engine, banned, counter)
+    grpo_sync = grpo_step_fn(grpo_config(sync_cfg), run, engine, banned, counter)
     add("grpo", grpo, "GRPO step, fp32 weights", teacher=False, gc_on=True, micro=a.micro)
     profile("opd", opd)
     compiled_variants(("opd-compiled", opd, "as opd"))  # the recipe's fp32 weights
@@ -518,10 +504,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
                           whole_vision=False)
         compiled_variants(("opd-master-compiled", opd, "as opd-master"),
                           ("grpo-master-compiled", grpo, "as grpo-master"),
-                          ("opd-master-compiled-sync", on_main_thread(run, opd),
-                           "as opd-master, the prompts prepared on the main thread (no prefetch)"),
-                          ("grpo-master-compiled-sync", on_main_thread(run, grpo),
-                           "as grpo-master, the prompts prepared on the main thread (no prefetch)"))
+                          ("opd-master-compiled-sync", opd_sync, "as opd-master, prefetch_prompts: false"),
+                          ("grpo-master-compiled-sync", grpo_sync, "as grpo-master, prefetch_prompts: false"))
         keep, layers = a.uncheckpointed, len(run.model.get_decoder().layers)
         while keep and wanted("opd-master-compiled-keep"):  # halved on out-of-memory, as nogc's micro-batch
             set_checkpointing(run.model, True, keep)

@@ -167,8 +167,8 @@ def test_prefetched_prompts_train_exactly_as_prepared_in_the_step(assets, tmp_pa
     assert hits == [False, True, True]
     assert not [t for t in threading.enumerate() if t.name.startswith("zoomless-prefetch")]  # closed
     with monkeypatch.context() as m:
-        hits = prefetch_hits(m, ahead=False)
-        train_opd(_cfg(assets, tmp_path / "sync", **kw))
+        hits = prefetch_hits(m)
+        train_opd(_cfg(assets, tmp_path / "sync", prefetch_prompts=False, **kw))  # the switch
     assert hits == [False, False, False]
     same_run(tmp_path / "ahead", tmp_path / "sync", ("", "teacher"))
 

@@ -654,11 +654,12 @@ def encode_views(
 
 
 def step_prompts(
-    run: "Run", indices: Sequence[int], student_view: str, teacher_view: str | None, view: dict[str, Any]
+    run: "Run", indices: Sequence[int], student_view: str, teacher_view: str | None, view: dict[str, Any],
+    ahead: bool = True,
 ) -> StepPrompts:
-    """The prompts of this step's batch (`indices`, from `run.data.next_batch()`), and the next
-    batch's started in the background (`run.prefetch`): they need no weights, so rendering and
-    encoding them overlaps this step's rollout, forwards and backwards. The prefetch is a cache
+    """The prompts of this step's batch (`indices`, from `run.data.next_batch()`), and, with `ahead`,
+    the next batch's started in the background (`run.prefetch`): they need no weights, so rendering
+    and encoding them overlaps this step's rollout, forwards and backwards. The prefetch is a cache
     keyed by the indices and the views: what comes back is what `encode_views` gives here."""
     views = (student_view, teacher_view, tuple(sorted(view.items())))
 
@@ -666,8 +667,9 @@ def step_prompts(
         return lambda: encode_views(processor, [run.samples[i] for i in batch], student_view, teacher_view, view)
 
     prompts = run.prefetch.get((views, tuple(indices)), prepare(indices, run.processor))
-    upcoming = run.data.peek_batch()
-    run.prefetch.ahead((views, tuple(upcoming)), prepare(upcoming, run.worker_processor))
+    if ahead:
+        upcoming = run.data.peek_batch()
+        run.prefetch.ahead((views, tuple(upcoming)), prepare(upcoming, run.worker_processor))
     return prompts
 
 

@@ -131,6 +131,9 @@ class OPDConfig(TrainConfig):
     # responses. It keeps the zoomed-in skill, which lets the full view learn at a higher lr
     # (ZoomWorld: docs/RESULTS.md). Needs a separate teacher ("ema" or "frozen").
     crop_anchor: float = Field(0.0, ge=0)
+    # render and encode the next batch's prompts in a background thread while this step runs
+    # (train/prefetch.py); false: at the start of each step, on the main thread
+    prefetch_prompts: bool = True
 
     @model_validator(mode="after")
     def _anchor_needs_a_teacher(self) -> "OPDConfig":

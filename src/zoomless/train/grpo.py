@@ -235,7 +235,7 @@ def grpo_step(
     # the views, rendered and encoded (ready when the last step prepared them in the background),
     # and the next batch's started now, before this step queues the GPU work they overlap
     with timer("prompts"):
-        prompts = step_prompts(run, indices, cfg.student_view, teacher_view, view_kwargs(cfg))
+        prompts = step_prompts(run, indices, cfg.student_view, teacher_view, view_kwargs(cfg), cfg.prefetch_prompts)
     with timer("rollout"):
         rb = rollout(
             engine, prompts.conversations, sampling_params(cfg, step, run.dist.rank), banned_ids, model=run.model,

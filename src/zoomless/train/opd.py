@@ -221,7 +221,7 @@ def opd_step(
     # the views, rendered and encoded (ready when the last step prepared them in the background),
     # and the next batch's started now, before this step queues the GPU work they overlap
     with timer("prompts"):
-        prompts = step_prompts(run, indices, cfg.student_view, cfg.teacher_view, view_kwargs(cfg))
+        prompts = step_prompts(run, indices, cfg.student_view, cfg.teacher_view, view_kwargs(cfg), cfg.prefetch_prompts)
     with timer("rollout"):
         params = sampling_params(cfg, step, run.dist.rank)
         rb = rollout(
