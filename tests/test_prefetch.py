@@ -83,3 +83,21 @@ def test_close_drops_what_is_pending() -> None:
     p.close()
     assert p.get("k", lambda: "now") == "now"
     assert not _prefetch_threads()
+
+
+def test_wait_returns_when_the_work_ahead_is_done_and_keeps_it() -> None:
+    import time
+
+    p = Prefetcher()
+    p.wait()  # nothing ahead: returns at once
+    done = threading.Event()
+
+    def slow():
+        time.sleep(0.2)
+        done.set()
+        return "ready"
+
+    p.ahead("k", slow)
+    p.wait()
+    assert done.is_set() and p.get("k", lambda: "recomputed") == "ready" and p.hits == 1
+    p.close()

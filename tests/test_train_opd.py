@@ -157,19 +157,36 @@ def same_run(a: Path, b: Path, subdirs: tuple[str, ...]) -> None:
     assert drop(_metrics(a)) == drop(_metrics(b))
 
 
+def probed_samples(monkeypatch) -> list[str]:
+    """The ids of the samples train_opd's first-draw probe renders (main thread, in `next_batch`)."""
+    import zoomless.train.opd as opd
+
+    probed: list[str] = []
+    screen = opd.screen_samples
+
+    def counting(run, check=None, probe=None):
+        return screen(run, check=check, probe=lambda s: (probed.append(s.id), probe(s))[1])
+
+    monkeypatch.setattr(opd, "screen_samples", counting)
+    return probed
+
+
 def test_prefetched_prompts_train_exactly_as_prepared_in_the_step(assets, tmp_path, monkeypatch) -> None:
     """Each step's prompts rendered and encoded in the background during the step before (across
-    an epoch boundary: 4 samples, batches of 2) train the same weights as prepared in the step."""
+    an epoch boundary: 4 samples, batches of 2) train the same weights as prepared in the step; a
+    batch rendered ahead vouches for its samples, so the first-draw probe does not render them again."""
     kw = dict(max_steps=3, crop_anchor=1.0)  # the anchor puts student and teacher prompts in one batch
     with monkeypatch.context() as m:
-        hits = prefetch_hits(m)
+        hits, probed = prefetch_hits(m), probed_samples(m)
         train_opd(_cfg(assets, tmp_path / "ahead", **kw))
     assert hits == [False, True, True]
+    assert len(probed) == 2  # the first batch's: the second was rendered ahead, the third is epoch 2
     assert not [t for t in threading.enumerate() if t.name.startswith("zoomless-prefetch")]  # closed
     with monkeypatch.context() as m:
-        hits = prefetch_hits(m)
+        hits, probed = prefetch_hits(m), probed_samples(m)
         train_opd(_cfg(assets, tmp_path / "sync", prefetch_prompts=False, **kw))  # the switch
     assert hits == [False, False, False]
+    assert len(probed) == 4  # every sample on its first draw
     same_run(tmp_path / "ahead", tmp_path / "sync", ("", "teacher"))
 
 

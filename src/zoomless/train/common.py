@@ -655,16 +655,25 @@ def encode_views(
 
 def step_prompts(
     run: "Run", indices: Sequence[int], student_view: str, teacher_view: str | None, view: dict[str, Any],
-    ahead: bool = True,
+    ahead: bool = True, probes_these_views: bool = False,
 ) -> StepPrompts:
     """The prompts of this step's batch (`indices`, from `run.data.next_batch()`), and, with `ahead`,
     the next batch's started in the background (`run.prefetch`): they need no weights, so rendering
     and encoding them overlaps this step's rollout, forwards and backwards. The prefetch is a cache
-    keyed by the indices and the views: what comes back is what `encode_views` gives here."""
+    keyed by the indices and the views: what comes back is what `encode_views` gives here.
+    `probes_these_views`: the data's first-draw probe renders exactly these views, so a batch
+    prepared ahead without error is vouched for (`ScreenedData.vouch`) and not rendered again."""
     views = (student_view, teacher_view, tuple(sorted(view.items())))
+    vouch = getattr(run.data, "vouch", None) if probes_these_views else None
 
     def prepare(batch: Sequence[int], processor: Any) -> Callable[[], StepPrompts]:
-        return lambda: encode_views(processor, [run.samples[i] for i in batch], student_view, teacher_view, view)
+        def job() -> StepPrompts:
+            prompts = encode_views(processor, [run.samples[i] for i in batch], student_view, teacher_view, view)
+            if vouch is not None:
+                vouch(batch)
+            return prompts
+
+        return job
 
     prompts = run.prefetch.get((views, tuple(indices)), prepare(indices, run.processor))
     if ahead:

@@ -217,11 +217,13 @@ def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float,
 def opd_step(
     cfg: OPDConfig, run: Run, teacher: nn.Module, engine: Engine, banned_ids: list[int], step: int, timer: Timer
 ) -> dict[str, float]:
+    run.prefetch.wait()  # the batch prepared during the last step vouches for its samples: not probed again
     indices = run.data.next_batch()
     # the views, rendered and encoded (ready when the last step prepared them in the background),
     # and the next batch's started now, before this step queues the GPU work they overlap
     with timer("prompts"):
-        prompts = step_prompts(run, indices, cfg.student_view, cfg.teacher_view, view_kwargs(cfg), cfg.prefetch_prompts)
+        prompts = step_prompts(run, indices, cfg.student_view, cfg.teacher_view, view_kwargs(cfg), cfg.prefetch_prompts,
+                               probes_these_views=True)  # train_opd's probe renders the two views
     with timer("rollout"):
         params = sampling_params(cfg, step, run.dist.rank)
         rb = rollout(

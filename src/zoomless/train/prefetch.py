@@ -15,7 +15,7 @@ result or error, as the synchronous path would never have done it.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -48,6 +48,11 @@ class Prefetcher:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoomless-prefetch")
         self._pending = (key, self._pool.submit(fn))
+
+    def wait(self) -> None:
+        """Until the work ahead, if any, has finished (its result or error is kept for `get`)."""
+        if self._pending is not None:
+            wait([self._pending[1]])
 
     def close(self) -> None:
         """Stop the worker (after the job it is running, if any) and drop what is pending; a later

@@ -150,6 +150,12 @@ class ScreenedData(DataIterator):
         self.probe_many: Callable[[list[Sample]], list[bool]] | None = None
         self.good: set[int] = set()  # probed this process; not saved (probing again is cheap)
 
+    def vouch(self, indices: Sequence[int]) -> None:
+        """These samples were just rendered without error in the views the probe renders (the
+        recipe's prefetch, in its worker thread: a set update is atomic there): no probe on their
+        first draw, which would render them again on the step's critical path."""
+        self.good.update(indices)
+
     def _probe_new(self, indices: Sequence[int]) -> None:
         new = [i for i in dict.fromkeys(indices) if i not in self.good and i not in self.screen.bad]
         if new and self.probe_many is not None:
