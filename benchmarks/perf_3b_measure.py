@@ -133,10 +133,12 @@ def encodes_images(seqs: Sequence[Seq], group: int) -> list[bool]:
 def step_flops(
     config: Any, trained: Sequence[Seq], forward_only: Sequence[Seq] = (), *, vision_trained: bool = True,
     checkpointing: float = 0.0, shared_images: bool = False, micro: int | None = None,
+    checkpoint_vision: bool = True,
 ) -> dict[str, float]:
     """Model FLOPs of one step (`model`) and its split by part, and what the hardware does besides
     (`recompute`): the activation-checkpoint recompute (one more forward of the trained layers,
-    head excluded; `checkpointing` is the share of decoder layers checkpointed, True for all) and,
+    head excluded; `checkpointing` is the share of decoder layers checkpointed, True for all; the
+    vision blocks with it unless `checkpoint_vision` is False) and,
     with `shared_images`, the images encoded again because the rollouts of one prompt span several
     forwards of `micro` sequences. With `shared_images` the model FLOPs count
     the vision tower once per distinct image of each list (`trained`, `forward_only`); without,
@@ -155,7 +157,7 @@ def step_flops(
                 parts[k] += (vis * n if k.startswith("vision") else lm) * f[k]
             recompute += vis * vision * (d - n)
             if checkpointing and grad:
-                recompute += checkpointing * (f["lm_linear"] + f["lm_attention"]) + (vision * d if vision_trained else 0.0)
+                recompute += checkpointing * (f["lm_linear"] + f["lm_attention"]) + (vision * d if vision_trained and checkpoint_vision else 0.0)
     return {"model": sum(parts.values()), "recompute": recompute, "parts": parts}
 
 
@@ -323,11 +325,18 @@ def idle_gaps(events: list[Span], top: int = 10, min_gap_us: float = 200.0) -> d
         }
 
     longest = sorted(gaps, key=lambda g: g[0] - g[1])[:top]
+    by_range: dict[str, list[float]] = {}  # where the idle time is: per set of enclosing ranges
+    for a, b in gaps:
+        where = ", ".join(sorted({r.name for r in ranges if r.start <= a and b <= r.end})) or "-"
+        by_range.setdefault(where, [0.0, 0])
+        by_range[where][0] += (b - a) / 1e3
+        by_range[where][1] += 1
     return {
         "idle_ms": sum(b - a for a, b in gaps) / 1e3,
         "gaps": len(gaps),
         "min_gap_us": min_gap_us,
         "longest": [describe(a, b) for a, b in sorted(longest)],
+        "by_range": {k: {"ms": v[0], "gaps": v[1]} for k, v in sorted(by_range.items(), key=lambda kv: -kv[1][0])},
     }
 
 
@@ -375,6 +384,9 @@ def profile_text(title: str, p: dict[str, Any]) -> str:
                      "the longest (at ms from the first kernel: length, ranges, the CPU op at its start, the first inside):")
         lines += [f"   {g['at_ms']:9.1f}: {g['ms']:6.2f} ms  [{', '.join(g['in'])}]  after {g['after_cpu_op']}, "
                   f"then {g['first_cpu_op_inside']}" for g in gaps["longest"]]
+        if gaps.get("by_range"):
+            lines.append("   idle by enclosing ranges: " + "; ".join(
+                f"[{k}] {v['ms']:.1f} ms in {v['gaps']}" for k, v in list(gaps["by_range"].items())[:8]))
     elif gaps:
         lines.append(f"   GPU idle gaps: {gaps['error']}")
     for key, label in (("top_ops_by_self_device_time", "top ops by self GPU time"), ("top_kernels", "top GPU kernels"),

@@ -21,6 +21,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                                       (`compile_blocks(..., whole_vision=False)`, as on 2026-12-07)
     opd-master-compiled-keep          as opd-master-compiled, the last `--uncheckpointed` decoder layers
                                       keep their activations (`uncheckpointed_layers`; halved on OOM)
+    opd-master-compiled-vkeep, grpo-master-compiled-vkeep   as opd-master-compiled and grpo-master-compiled,
+                                      the vision blocks keep their activations (`checkpoint_vision: false`)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -123,11 +125,11 @@ def guarded(run: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- model and optimizer switches
 
 
-def set_checkpointing(model: nn.Module, on: bool, uncheckpointed_layers: int = 0) -> None:
+def set_checkpointing(model: nn.Module, on: bool, uncheckpointed_layers: int = 0, vision: bool = True) -> None:
     from zoomless.train.common import enable_activation_checkpointing
 
     if on:
-        enable_activation_checkpointing(model, uncheckpointed_layers)
+        enable_activation_checkpointing(model, uncheckpointed_layers, checkpoint_vision=vision)
     else:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
 
@@ -314,13 +316,15 @@ def grpo_config(cfg: Any) -> Any:
 def variant_result(
     name: str, m: dict[str, Any], config: Any, seqs: dict[str, Any], *, teacher: bool, vision_trained: bool,
     checkpointing: float, micro: int, shared_images: bool, peak_flops: float | None, what: str,
+    checkpoint_vision: bool = True,
 ) -> dict[str, Any]:
     out = {"variant": name, "what": what, "gradient_checkpointing": checkpointing, "micro_batch": micro,
            "shared_images": shared_images, **m}
     if "error" in m:
         return out
     flops = pm.step_flops(config, seqs["student"], seqs["teacher"] if teacher else (), vision_trained=vision_trained,
-                          checkpointing=checkpointing, shared_images=shared_images, micro=micro)
+                          checkpointing=checkpointing, shared_images=shared_images, micro=micro,
+                          checkpoint_vision=checkpoint_vision)
     s = m["seconds_per_step"]
     response = sum(q.head_tokens for q in seqs["student"])
     sequence = sum(q.tokens for q in seqs["student"])
@@ -416,7 +420,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         return not a.variants or name in a.variants
 
     def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: float, micro: int, vision: bool = True,
-            shared: bool = True) -> None:
+            shared: bool = True, gc_vision: bool = True) -> None:
         """`gc_on`: the share of decoder layers checkpointed (True: all). `shared`: the step encodes
         each distinct image once per micro-batch (every zoomless step)."""
         if not wanted(name):
@@ -424,7 +428,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         print(f"[train] {name} ...", flush=True)
         m = guarded(run, lambda: measure(step, **timing))
         r = variant_result(name, m, run.model.config, seqs, teacher=teacher, vision_trained=vision, checkpointing=gc_on,
-                           micro=micro, shared_images=shared, peak_flops=peak_flops, what=what)
+                           micro=micro, shared_images=shared, peak_flops=peak_flops, what=what,
+                           checkpoint_vision=gc_vision)
         mfu = "" if r.get("mfu") is None else f", MFU {r['mfu']:.1%}"
         peak = "" if r.get("peak_memory_gib") is None else f", peak {r['peak_memory_gib']:.1f} GiB"
         print(f"[train] {name}: " + (r["error"] if "error" in r else
@@ -462,7 +467,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     from zoomless.train.common import Timer
 
     def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, whole_vision: bool = True,
-                          gc_on: float = 1.0) -> None:
+                          gc_on: float = 1.0, gc_vision: bool = True) -> None:
         """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole, whole_vision)`; the first
         warm-up step compiles, the others reuse the graphs); the model is eager again after."""
         variants = tuple(v for v in variants if wanted(v[0]))
@@ -471,7 +476,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         compiled = compile_blocks(run.model, whole, whole_vision)
         for name, step, like in variants:
             add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
-                teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro)
+                teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro, gc_vision=gc_vision)
             profile(name, step, count=False)
         uncompile_blocks(compiled)
         torch._dynamo.reset()  # the next compiled variant starts from an empty cache
@@ -518,6 +523,13 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
                 break
             results["variants"].pop()
             keep //= 2
+        if wanted("opd-master-compiled-vkeep") or wanted("grpo-master-compiled-vkeep"):
+            set_checkpointing(run.model, True, vision=False)
+            compiled_variants(("opd-master-compiled-vkeep", opd, "as opd-master-compiled, vision blocks not checkpointed "
+                               "(checkpoint_vision: false)"),
+                              ("grpo-master-compiled-vkeep", grpo, "as grpo-master-compiled, vision blocks not "
+                               "checkpointed (checkpoint_vision: false)"), gc_vision=False)
+            set_checkpointing(run.model, True)
         drop_master_weights(run, fp32_optimizer)
 
     # bf16 weights, gradients and optimizer states

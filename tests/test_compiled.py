@@ -146,22 +146,26 @@ def test_uncheckpointed_layers_skip_the_recompute_and_keep_the_gradients(tmp_pat
     samples = read_samples(generate_split(tmp_path / "world", "train", 1, seed=1, size=448, progress=False))
     a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
     batch = build_batch([a, a], [[5, 6, 7], [8]], pad_id(processor))
-    layers = model.get_decoder().layers
-    calls = [0] * len(layers)
-    for i, layer in enumerate(layers):  # the MLP starts again in the backward of a checkpointed layer
+    layers = list(model.get_decoder().layers)
+    blocks = list(model.model.visual.blocks)
+    calls = [0] * (len(layers) + len(blocks))
+    for i, layer in enumerate(layers + blocks):  # the MLP starts again in the backward of a checkpointed layer
         layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
 
-    def grads(uncheckpointed: int) -> tuple[list[int], dict[str, torch.Tensor]]:
-        enable_activation_checkpointing(model, uncheckpointed)
-        calls[:] = [0] * len(layers)
+    def grads(uncheckpointed: int, vision: bool = True) -> tuple[list[int], dict[str, torch.Tensor]]:
+        enable_activation_checkpointing(model, uncheckpointed, checkpoint_vision=vision)
+        calls[:] = [0] * len(calls)
         model.zero_grad()
         response_hidden(model, batch).pow(2).sum().backward()
         return list(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    n = len(layers)
+    n, v = len(layers), len(blocks)
     all_calls, all_grads = grads(0)
     last_calls, last_grads = grads(1)
-    assert all_calls == [2] * n and last_calls == [2] * (n - 1) + [1]
-    assert grads(n)[0] == [1] * n
+    assert all_calls == [2] * (n + v) and last_calls == [2] * (n - 1) + [1] + [2] * v
+    assert grads(n)[0] == [1] * n + [2] * v
+    vision_calls, vision_grads = grads(0, vision=False)
+    assert vision_calls == [2] * n + [1] * v
     for name in all_grads:
         torch.testing.assert_close(last_grads[name], all_grads[name], msg=name)
+        torch.testing.assert_close(vision_grads[name], all_grads[name], msg=name)

@@ -90,7 +90,9 @@ def test_idle_gaps_find_the_longest_stretches_without_a_kernel_and_what_the_cpu_
     first = pm.idle_gaps(events)["longest"][0]
     assert first["in"] == ["phase:student"] and first["after_cpu_op"] == "aten::item"
     assert first["first_cpu_op_inside"] == "aten::mm"  # the launch call itself is skipped
+    assert gaps["by_range"] == {"-": {"ms": pytest.approx(4.0), "gaps": 1},  # 1.6-5.6 ms spans both phases
+                                "phase:student": {"ms": pytest.approx(1.0), "gaps": 1}}
     # on a real (CPU) profile the events read without error: no kernels, no gaps
     with torch.profiler.profile() as prof:
         torch.ones(8) @ torch.ones(8)
-    assert pm.guarded_gaps(prof) == {"idle_ms": 0.0, "gaps": 0, "min_gap_us": 200.0, "longest": []}
+    assert pm.guarded_gaps(prof) == {"idle_ms": 0.0, "gaps": 0, "min_gap_us": 200.0, "longest": [], "by_range": {}}

@@ -12,6 +12,7 @@ from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt, lm_head, response_hidden
 from zoomless.train.common import pad_id, view_conversation
+from zoomless.train.shared_images import vision_module
 from zoomless.train.losses import chunked_logprobs
 from zoomless.world.generate import generate_split
 
@@ -160,3 +161,51 @@ def test_vision_bookkeeping_from_the_cpu_grid_is_the_towers_own(family: str, dat
                                 for g in (None, batch.vision_grid, wrong_grid))
         torch.testing.assert_close(ours, own, atol=0, rtol=0)
         assert not torch.allclose(wrong, own)
+        # the grid's CPU copy goes in place of the device one (there on the CPU too: a new object)
+        host_grid, seen = grid.clone(), []
+        hook = vision_module(model).register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs.get("grid_thw")), with_kwargs=True, prepend=True)
+        with torch.no_grad():
+            hosted = response_hidden(model, replace(batch, host={"image_grid_thw": host_grid}))
+        hook.remove()
+        torch.testing.assert_close(hosted, own, atol=0, rtol=0)
+        assert seen == [host_grid] and seen[0] is host_grid  # before encode_once's hook: transformers' own call
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_placeholder_masks_from_the_cpu_ids_are_the_backbones_own(family: str, data: Path, tmp_path: Path) -> None:
+    """The image placeholders found in the batch's CPU ids (`models/placeholders.py`) give the same
+    hidden states as the backbone finding them on the device, without its own search running;
+    ids with the image moved change the output (they are read), and a count that does not match
+    the vision features fails with transformers' message."""
+    from dataclasses import replace
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / family, family=family, size="test"), dtype=torch.float32, device="cpu")
+    samples = read_samples(data)
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    batch = build_batch([a, a], [[5, 6, 7], [8]], pad_id(processor))
+    ids = batch.inputs["input_ids"]
+    assert batch.host is None and batch.to("cpu").host["input_ids"] is ids  # `to` keeps the CPU ids
+    backbone, calls = model.model, []
+    own_search = type(backbone).get_placeholder_mask
+    backbone.get_placeholder_mask = lambda *a, **k: calls.append(1) or own_search(backbone, *a, **k)
+    with torch.no_grad():
+        own = response_hidden(model, batch)
+        assert len(calls) == 1
+        ours = response_hidden(model, replace(batch, host={"input_ids": ids}))
+        assert len(calls) == 1  # the backbone's own search did not run
+        image = int(model.config.image_token_id)
+        moved = ids.clone()
+        row = moved[0]
+        first, count = int((row == image).nonzero()[0]), int((row == image).sum())
+        row[first - 1], row[first + count - 1] = image, row[first - 1].clone()  # the span one token earlier
+        assert int((moved == image).sum()) == int((ids == image).sum()) and not torch.equal(moved, ids)
+        shifted = response_hidden(model, replace(batch, host={"input_ids": moved}))
+        fewer = ids.clone()
+        fewer[0, first] = 0
+        with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+            response_hidden(model, replace(batch, host={"input_ids": fewer}))
+    del backbone.get_placeholder_mask
+    torch.testing.assert_close(ours, own, atol=0, rtol=0)
+    assert not torch.allclose(shifted, own)
+    assert "get_placeholder_mask" not in vars(backbone)  # the block took its masks away again

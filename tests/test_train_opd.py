@@ -222,6 +222,8 @@ def test_keys_that_need_another_say_so(assets, tmp_path) -> None:
         _cfg(assets, tmp_path, dtype="float32", bf16_weights=True)
     with pytest.raises(ValueError, match="set gradient_checkpointing: true too"):
         _cfg(assets, tmp_path, uncheckpointed_layers=2)
+    with pytest.raises(ValueError, match="set gradient_checkpointing: true too"):
+        _cfg(assets, tmp_path, checkpoint_vision=False)
 
 
 class InjectVisionToken:

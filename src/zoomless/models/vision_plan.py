@@ -91,10 +91,22 @@ def bookkeeping_on_host(visual: nn.Module | None, grid: Tensor | None) -> Iterat
         given = kwargs["grid_thw"] if "grid_thw" in kwargs else (args[1] if len(args) > 1 else None)
         if given is None or len(given) != len(grid) or any(k in kwargs for k in CUTS):
             return None
-        return args, {**kwargs, **send(host_kwargs(module, grid), given.device)}
+        pixels = args[0] if args else kwargs["hidden_states"]  # the grid may be on the CPU (grid_on_host)
+        return args, {**kwargs, **send(host_kwargs(module, grid), pixels.device)}
 
     handle = visual.register_forward_pre_hook(before, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
+
+
+def grid_on_host(visual: nn.Module | None, inputs: dict[str, Tensor], grid: Tensor | None,
+                 host_grid: Tensor | None) -> dict[str, Tensor]:
+    """`inputs` with `image_grid_thw` replaced by `host_grid`, its CPU copy, when `bookkeeping_on_host`
+    gives the tower everything it would compute from it: transformers then reads the grid only to
+    split the image features per image (`.tolist()`, a host sync per forward on a GPU grid)."""
+    if not knows(visual) or grid is None or grid.device.type != "cpu" or host_grid is None or \
+            "pixel_values_videos" in inputs or "image_grid_thw" not in inputs:
+        return inputs
+    return {**inputs, "image_grid_thw": host_grid}

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from zoomless.engines.base import Conversation
 from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, vision_module
-from zoomless.models.vision_plan import bookkeeping_on_host
+from zoomless.models.placeholders import placeholders_on_host
+from zoomless.models.vision_plan import bookkeeping_on_host, grid_on_host
 from zoomless.transfer import to_device
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -55,6 +56,7 @@ class TeacherForcingBatch:
     lengths: list[int]  # response length of each sequence (N = sum)
     sharing: ImageSharing | None = None  # rows that share a prompt share its images: encode them once
     vision_grid: Tensor | None = None  # on the CPU: the grids of the images the vision tower encodes
+    host: dict[str, Tensor] | None = None  # on the CPU: input_ids and image_grid_thw, kept by `to` (models/placeholders.py)
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +67,13 @@ class TeacherForcingBatch:
             {k: to_device(v, device) for k, v in self.inputs.items()},
             to_device(self.rows, device), to_device(self.positions, device), to_device(self.targets, device),
             self.lengths, None if self.sharing is None else self.sharing.to(device), self.vision_grid,
+            self._host_copies(),
         )
+
+    def _host_copies(self) -> dict[str, Tensor] | None:
+        if self.inputs["input_ids"].device.type != "cpu":
+            return self.host
+        return {k: v for k, v in self.inputs.items() if k in ("input_ids", "image_grid_thw")}
 
 
 def build_batch(
@@ -159,14 +167,18 @@ def lm_head(model: nn.Module) -> nn.Module:
 
 
 def backbone_hidden(model: nn.Module, inputs: dict[str, Tensor], rows: Tensor, positions: Tensor,
-                    sharing: ImageSharing | None = None, vision_grid: Tensor | None = None) -> Tensor:
+                    sharing: ImageSharing | None = None, vision_grid: Tensor | None = None,
+                    host: dict[str, Tensor] | None = None) -> Tensor:
     """Final hidden states of an HF VLM's backbone at (rows, positions): [N, H], without the LM head.
     With `sharing`, each distinct image is encoded once (`train/shared_images.py`); with
     `vision_grid` (the CPU copy of the encoded images' grids) the vision tower's bookkeeping is
-    done on the CPU (`models/vision_plan.py`)."""
+    done on the CPU (`models/vision_plan.py`), and with `host` (the CPU copies of the input ids and
+    grids) the image placeholders are found there (`models/placeholders.py`) and the grid is read there."""
     visual = vision_module(model)
-    with encode_once(visual, sharing), bookkeeping_on_host(visual, vision_grid):  # in this order
-        out = model.model(**inputs, use_cache=False)
+    host = host or {}
+    with encode_once(visual, sharing), bookkeeping_on_host(visual, vision_grid), \
+            placeholders_on_host(model.model, host.get("input_ids")):  # encode_once first
+        out = model.model(**grid_on_host(visual, inputs, vision_grid, host.get("image_grid_thw")), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[rows, positions]
 
@@ -194,11 +206,11 @@ class ResponseModel(nn.Module):
     def forward(
         self, inputs: dict[str, Tensor] | None, rows: Tensor | None = None, positions: Tensor | None = None,
         generate: dict[str, Any] | None = None, sharing: ImageSharing | None = None,
-        vision_grid: Tensor | None = None,
+        vision_grid: Tensor | None = None, host: dict[str, Tensor] | None = None,
     ) -> Any:
         if generate is not None:  # a whole `generate` call inside the root's forward hooks (FSDP)
             return type(self.vlm).generate(self.vlm, **generate)
-        return backbone_hidden(self.vlm, inputs, rows, positions, sharing, vision_grid)
+        return backbone_hidden(self.vlm, inputs, rows, positions, sharing, vision_grid, host)
 
 
 def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
@@ -209,5 +221,7 @@ def response_hidden(model: nn.Module, batch: TeacherForcingBatch) -> Tensor:
     `ResponseModel` around one (maybe inside DDP, or sharded by FSDP), called through its forward.
     """
     if isinstance(getattr(model, "module", model), ResponseModel):
-        return model(batch.inputs, batch.rows, batch.positions, sharing=batch.sharing, vision_grid=batch.vision_grid)
-    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions, batch.sharing, batch.vision_grid)
+        return model(batch.inputs, batch.rows, batch.positions, sharing=batch.sharing, vision_grid=batch.vision_grid,
+                     host=batch.host)
+    return backbone_hidden(model, batch.inputs, batch.rows, batch.positions, batch.sharing, batch.vision_grid,
+                           batch.host)

@@ -46,6 +46,7 @@ from zoomless.train.distributed import (
 from zoomless.train.losses import chunked_logprobs
 from zoomless.train.master import MasterWeights
 from zoomless.train.prefetch import Prefetcher
+from zoomless.train.shared_images import vision_module
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -70,20 +71,25 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def enable_activation_checkpointing(model: nn.Module, uncheckpointed_layers: int = 0) -> None:
+def enable_activation_checkpointing(model: nn.Module, uncheckpointed_layers: int = 0,
+                                    checkpoint_vision: bool = True) -> None:
     """Recompute each layer's activations in the backward pass (newer transformers renamed the API),
     except in the last `uncheckpointed_layers` decoder layers: they keep theirs, trading their
     activation memory for less recompute. The last ones, because the backward frees them first,
-    before the gradients of the earlier layers take up their memory."""
+    before the gradients of the earlier layers take up their memory. Without `checkpoint_vision`
+    the vision tower's blocks keep theirs too: a few GB at 3B, and the recompute they save is
+    launch-bound (many small kernels for little math: docs/PERFORMANCE.md)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if uncheckpointed_layers:
-        layers = model.get_decoder().layers
-        for layer in layers[max(len(layers) - uncheckpointed_layers, 0):]:
-            layer.gradient_checkpointing = False  # HF's GradientCheckpointingLayer checks it on each call
+    keep = list(model.get_decoder().layers[-uncheckpointed_layers:]) if uncheckpointed_layers else []
+    visual = vision_module(model)
+    if not checkpoint_vision and visual is not None:
+        keep += [m for m in visual.modules() if hasattr(m, "gradient_checkpointing")]
+    for layer in keep:
+        layer.gradient_checkpointing = False  # HF's GradientCheckpointingLayer checks it on each call
 
 
 def seed_everything(seed: int) -> None:
@@ -763,7 +769,7 @@ def start_run(cfg: Any) -> Run:
     load_dir, ckpt = resolve_start(cfg.model_dir, cfg.out_dir, cfg.resume)
     model, processor = load_vlm(load_dir, dtype=torch.float32, device=device)
     if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model, cfg.uncheckpointed_layers)
+        enable_activation_checkpointing(model, cfg.uncheckpointed_layers, cfg.checkpoint_vision)
     if cfg.compile_blocks:
         from zoomless.models.compiled import compile_blocks
 

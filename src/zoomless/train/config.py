@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     # with gradient_checkpointing, the last N decoder layers keep their activations instead of
     # recomputing them: less recompute for N layers' activation memory (docs/PERFORMANCE.md)
     uncheckpointed_layers: int = Field(0, ge=0)
+    # with gradient_checkpointing, false: the vision tower's blocks keep their activations (a few GB at
+    # 3B) instead of recomputing them, which on a GPU costs more kernel launches than math
+    checkpoint_vision: bool = True
     # torch.compile each decoder layer and vision block whole (models/compiled.py; docs/PERFORMANCE.md)
     compile_blocks: bool = False
     # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
@@ -72,6 +75,9 @@ class TrainConfig(BaseModel):
     def _uncheckpointed_layers_need_checkpointing(self) -> "TrainConfig":
         if self.uncheckpointed_layers and not self.gradient_checkpointing:
             raise ValueError("uncheckpointed_layers keeps some layers out of gradient_checkpointing: "
+                             "set gradient_checkpointing: true too")
+        if not self.checkpoint_vision and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_vision: false keeps the vision blocks out of gradient_checkpointing: "
                              "set gradient_checkpointing: true too")
         return self
 
