@@ -77,8 +77,9 @@ from zoomless import transfer  # noqa: E402
 from zoomless.train import batching, shared_images  # noqa: E402
 
 GPU_COUNTS = {  # the profiler's cudaStreamSynchronize count of one step, to compare with
-    "opd": "45 per 3B Vision-OPD step (opd-master-compiled; 51 eager opd-master), H100, 2026-12-07, host-syncs change",
-    "grpo": "none with the host-syncs change yet (130 per 3B grpo-master-compiled step without it, H100, 2026-12-07)",
+    "opd": "4 per 3B Vision-OPD step (opd-master-compiled, H100, 2026-12-07, placeholders on the CPU but "
+           "masked_scatter's backward still there: 3 counted here then; 45 a day earlier)",
+    "grpo": "3 per 3B GRPO step (grpo-master-compiled, H100, 2026-12-07, as for opd: 3 counted here then)",
 }
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src" / "zoomless")

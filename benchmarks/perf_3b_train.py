@@ -79,6 +79,15 @@ def free_memory(run: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def suspects(cuda: bool) -> dict[str, int]:
+    """Counters behind an occasional slow step (one in 6-8 took 0.3-0.4 s more on the H100,
+    2026-12-07): the caching allocator freeing its cache and retrying cudaMalloc near a full GPU,
+    and graphs dynamo compiled (a recompile)."""
+    stats = torch.cuda.memory_stats() if cuda else {}
+    return {"alloc_retries": int(stats.get("num_alloc_retries", 0)), "cuda_mallocs": int(stats.get("segment.all.allocated", 0)),
+            "graphs_compiled": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
+
+
 def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, Any]:
     """Median seconds of `steps` steps after `warmup`, the mean seconds per phase (the recipes'
     Timer: phases are host-side and approximate, the step time is synchronised) and peak memory.
@@ -92,22 +101,25 @@ def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, A
         collector.after_step(i + 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds, phases = [], {}
+    seconds, phases, pauses = [], {}, []
     for i in range(steps):
         timer = Timer()
         sync(cuda)
+        before = suspects(cuda)
         t0 = time.perf_counter()
         with collector:
             step(timer)
         sync(cuda)
         collector.after_step(warmup + i + 1)
         seconds.append(time.perf_counter() - t0)
+        pauses.append({k: v - before[k] for k, v in suspects(cuda).items()})
         for k, v in timer.seconds.items():
             phases[k] = phases.get(k, 0.0) + v / steps
     return {
         "seconds_per_step": statistics.median(seconds),
         "seconds_per_step_mean": statistics.fmean(seconds),  # a rare pause moves the mean, not the median
         "step_seconds": seconds,
+        "step_suspects": pauses,  # per step: what could explain a slow one (see `suspects`)
         "phases_s": phases,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }

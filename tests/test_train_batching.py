@@ -209,3 +209,47 @@ def test_placeholder_masks_from_the_cpu_ids_are_the_backbones_own(family: str, d
     torch.testing.assert_close(ours, own, atol=0, rtol=0)
     assert not torch.allclose(shifted, own)
     assert "get_placeholder_mask" not in vars(backbone)  # the block took its masks away again
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_image_gradients_routed_by_index_are_masked_scatters(family: str, data: Path, tmp_path: Path) -> None:
+    """With the CPU ids, the image features' gradient reaches the vision tower by index
+    (`image_gradients_by_index`) instead of `masked_scatter`'s backward (a `masked_select`, a host
+    sync): the same hidden states to the bit and the same gradients, with shared images; no
+    `masked_select` runs in the backward."""
+    from dataclasses import replace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.selects = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.selects += func.overloadpacket.__name__ in ("masked_select", "masked_scatter_backward")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / family, family=family, size="test"), dtype=torch.float32, device="cpu")
+    samples = read_samples(data)
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    b = encode_prompt(processor, view_conversation(samples[1], "crop", "open", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
+    batch = build_batch([a, b, a], [[5, 6, 7], [8], [9, 10]], pad_id(processor))
+    weight = torch.randn(3 + 1 + 2, model.config.get_text_config().hidden_size)
+
+    def run(host):
+        model.zero_grad()
+        hidden = response_hidden(model, replace(batch, host=host))
+        with Count() as count:
+            (hidden * weight).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return hidden.detach(), grads, count.selects
+
+    own, own_grads, own_selects = run(None)
+    ours, our_grads, our_selects = run({"input_ids": batch.inputs["input_ids"]})
+    assert own_selects >= 1 and our_selects == 0
+    torch.testing.assert_close(ours, own, atol=0, rtol=0)
+    assert own_grads.keys() == our_grads.keys() and any(n.startswith("model.visual.") for n in own_grads)
+    for name in own_grads:
+        torch.testing.assert_close(our_grads[name], own_grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -7,12 +7,21 @@ idles until the CPU has queued new work (docs/PERFORMANCE.md). The training batc
 token ids on the CPU, so `placeholders_on_host` makes the same masks and the same check there and
 sends the masks without blocking. Backbones without the method, or a call with other ids, are left
 as they are.
+
+The image features then go into the text embeddings by `masked_scatter`, whose backward finds the
+features' gradient with `masked_select`: an output of data-dependent size, so a host sync in the
+middle of the backward, right before the vision tower's. With the GPU's queue drained there, the
+vision backward runs at the pace of the CPU launching its many small kernels (docs/PERFORMANCE.md).
+`image_gradients_by_index` keeps the values and moves the gradient: transformers scatters a
+detached copy of the features, and the language model's input gets `index_add(features - detached)`
+at the image positions, known on the CPU: zero in value, the features' gradient in the backward
+(an `index_select`, no sync).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -68,3 +77,48 @@ def placeholders_on_host(backbone: nn.Module | None, host_ids: Tensor | None) ->
             del backbone.get_placeholder_mask
         else:
             backbone.get_placeholder_mask = shadowed
+
+
+@contextlib.contextmanager
+def image_gradients_by_index(backbone: nn.Module | None, host_ids: Tensor | None) -> Iterator[None]:
+    """Within the block, the image features reach `backbone`'s language model with their gradient
+    routed by index (see above); `host_ids` is the CPU copy of the `input_ids` of the call. A vision
+    output that does not match the image tokens in number is left to transformers."""
+    visual = getattr(backbone, "visual", None)
+    language_model = getattr(backbone, "language_model", None)
+    token_id = getattr(getattr(backbone, "config", None), "image_token_id", None)
+    if visual is None or language_model is None or token_id is None or host_ids is None or \
+            host_ids.device.type != "cpu":
+        yield
+        return
+    where = (host_ids.reshape(-1) == token_id).nonzero().squeeze(1)  # flat image positions, in mask order
+    detached: list[Tensor] = []  # the features whose copy went to transformers' scatter
+
+    def after_visual(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        features = getattr(output, "pooler_output", None)  # the merged tokens get_image_features scatters
+        if not isinstance(features, Tensor) or not features.requires_grad or features.shape[0] != len(where):
+            return None
+        detached.append(features)
+        return type(output)(**{**output, "pooler_output": features.detach()})
+
+    def before_language_model(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not detached:
+            return None
+        features, embeds = detached.pop(), kwargs.get("inputs_embeds")
+        if embeds is None or detached:  # the features' gradient would be lost: refuse
+            raise RuntimeError("image_gradients_by_index: the language model did not get the image features "
+                               "as inputs_embeds, once per vision call")
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        grad_path = (features - features.detach()).to(embeds.dtype)  # zeros that carry the gradient
+        merged = flat.index_add(0, to_device(where, embeds.device), grad_path).view_as(embeds)
+        return args, {**kwargs, "inputs_embeds": merged}
+
+    handles = [visual.register_forward_hook(after_visual, with_kwargs=True),
+               language_model.register_forward_pre_hook(before_language_model, with_kwargs=True)]
+    try:
+        yield
+        if detached:
+            raise RuntimeError("image_gradients_by_index: image features were never given to the language model")
+    finally:
+        for h in handles:
+            h.remove()

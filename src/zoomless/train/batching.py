@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from zoomless.engines.base import Conversation
 from zoomless.train.shared_images import ImageSharing, encode_once, sharing_of, vision_module
-from zoomless.models.placeholders import placeholders_on_host
+from zoomless.models.placeholders import image_gradients_by_index, placeholders_on_host
 from zoomless.models.vision_plan import bookkeeping_on_host, grid_on_host
 from zoomless.transfer import to_device
 
@@ -173,11 +173,13 @@ def backbone_hidden(model: nn.Module, inputs: dict[str, Tensor], rows: Tensor, p
     With `sharing`, each distinct image is encoded once (`train/shared_images.py`); with
     `vision_grid` (the CPU copy of the encoded images' grids) the vision tower's bookkeeping is
     done on the CPU (`models/vision_plan.py`), and with `host` (the CPU copies of the input ids and
-    grids) the image placeholders are found there (`models/placeholders.py`) and the grid is read there."""
+    grids) the image placeholders are found there, the features' gradient is routed by index
+    (`models/placeholders.py`), and the grid is read there."""
     visual = vision_module(model)
     host = host or {}
+    ids = host.get("input_ids")
     with encode_once(visual, sharing), bookkeeping_on_host(visual, vision_grid), \
-            placeholders_on_host(model.model, host.get("input_ids")):  # encode_once first
+            placeholders_on_host(model.model, ids), image_gradients_by_index(model.model, ids):  # encode_once first
         out = model.model(**grid_on_host(visual, inputs, vision_grid, host.get("image_grid_thw")), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[rows, positions]
