@@ -90,6 +90,8 @@ def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, t
     torch.testing.assert_close(every.inputs["pixel_values"], full.inputs["pixel_values"])
     for key in ("input_ids", "image_grid_thw"):
         assert torch.equal(shared.inputs[key], every.inputs[key]), key
+    rollouts = build_batch([a, a, a], responses[:3], pad_id(processor))  # one prompt: its pixels, not a copy
+    assert rollouts.inputs["pixel_values"] is a.vision["pixel_values"]
 
     seen = []  # patches entering the vision tower
     hook = vision_module(model).patch_embed.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
