@@ -1,7 +1,7 @@
 """Host time of a training forward+backward at the 3B *depth* with tiny widths, on the CPU: eager,
 compiled block parts, compiled whole decoder layers with vision blocks in parts, compiled whole
-decoder layers and vision blocks (zoomless.models.compiled; the variants' `compile_blocks` arguments
-are in VARIANTS).
+decoder layers and vision blocks, and the vision tower compiled as one region (zoomless.models.compiled;
+the variants' `compile_blocks` arguments are in VARIANTS).
 
 At the Qwen2.5-VL-3B shape the compiled GPU step is bound by the host: the GPU is busy 67% of it
 (docs/PERFORMANCE.md). What the host does per step grows with the number of blocks called, not
@@ -40,6 +40,7 @@ VARIANTS = {
     "compiled-parts": {"whole": False},
     "compiled-whole": {"whole": True, "whole_vision": False},  # vision attention eager, their MLP and norms compiled
     "compiled-whole-vision": {"whole": True, "whole_vision": True},  # compile_blocks' default
+    "compiled-tower": {"whole": True, "whole_vision": True, "vision_tower": True},  # the vision tower one region
 }
 
 
@@ -48,7 +49,8 @@ def batch(processor, work: Path, rollouts: int, response: int):
     sample = read_samples(generate_split(work / "world", "train", 1, seed=1, size=448, progress=False))[0]
     conv = view_conversation(sample, "full", "open", max_pixels=224 * 224, crop_margin=0.25, zoom=2.0)
     prompt = encode_prompt(processor, conv)
-    return build_batch([prompt] * rollouts, [list(range(5, 5 + response))] * rollouts, pad_id(processor))
+    # .to: the CPU copies of ids and grid the training batches carry (`TeacherForcingBatch.host`)
+    return build_batch([prompt] * rollouts, [list(range(5, 5 + response))] * rollouts, pad_id(processor)).to("cpu")
 
 
 def time_steps(model, b, steps: int) -> list[float]:
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--response", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--keep-vision", action="store_true", help="vision blocks not checkpointed (checkpoint_vision: false)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -79,10 +82,10 @@ def main() -> None:
         model, processor = load_vlm(tiny.build_tiny_vlm(work / "m", size="deep-narrow"), dtype=torch.float32,
                                     device="cpu")
         b = batch(processor, work, a.rollouts, a.response)
-    enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model, checkpoint_vision=not a.keep_vision)
     model.train()
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "tokens": int(b.inputs["input_ids"].numel()),
-               "variants": {}}
+               "vision_checkpointed": not a.keep_vision, "variants": {}}
     for name in a.variants:
         kwargs = VARIANTS[name]
         blocks = compile_blocks(model, **kwargs) if kwargs is not None else []
@@ -97,7 +100,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"# Host time per forward+backward, 36 decoder layers + 32 vision blocks, widths 64, CPU "
-             f"({results['threads']} threads, torch {results['torch']}, {results['tokens']} tokens)", "",
+             f"({results['threads']} threads, torch {results['torch']}, {results['tokens']} tokens, vision blocks "
+             f"{'' if results['vision_checkpointed'] else 'not '}checkpointed)", "",
              "| variant | modules compiled | median ms/step | min ms/step |", "|---|---:|---:|---:|"]
     for name, r in results["variants"].items():
         lines.append(f"| {name} | {r['compiled_modules']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} |")

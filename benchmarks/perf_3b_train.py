@@ -23,6 +23,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                                       keep their activations (`uncheckpointed_layers`; halved on OOM)
     opd-master-compiled-vkeep, grpo-master-compiled-vkeep   as opd-master-compiled and grpo-master-compiled,
                                       the vision blocks keep their activations (`checkpoint_vision: false`)
+    opd-master-compiled-tower, grpo-master-compiled-tower   as the -vkeep ones, the vision tower compiled as
+                                      one region (`compile_blocks(..., vision_tower=True)`)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -479,13 +481,13 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     from zoomless.train.common import Timer
 
     def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, whole_vision: bool = True,
-                          gc_on: float = 1.0, gc_vision: bool = True) -> None:
+                          gc_on: float = 1.0, gc_vision: bool = True, vision_tower: bool = False) -> None:
         """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole, whole_vision)`; the first
         warm-up step compiles, the others reuse the graphs); the model is eager again after."""
         variants = tuple(v for v in variants if wanted(v[0]))
         if not variants:
             return
-        compiled = compile_blocks(run.model, whole, whole_vision)
+        compiled = compile_blocks(run.model, whole, whole_vision, vision_tower)
         for name, step, like in variants:
             add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
                 teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro, gc_vision=gc_vision)
@@ -541,6 +543,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
                                "(checkpoint_vision: false)"),
                               ("grpo-master-compiled-vkeep", grpo, "as grpo-master-compiled, vision blocks not "
                                "checkpointed (checkpoint_vision: false)"), gc_vision=False)
+            set_checkpointing(run.model, True)
+        if wanted("opd-master-compiled-tower") or wanted("grpo-master-compiled-tower"):
+            set_checkpointing(run.model, True, vision=False)
+            compiled_variants(("opd-master-compiled-tower", opd, "as opd-master-compiled-vkeep, the vision tower "
+                               "compiled as one region (compile_blocks(..., vision_tower=True))"),
+                              ("grpo-master-compiled-tower", grpo, "as grpo-master-compiled-vkeep, the vision tower "
+                               "compiled as one region (compile_blocks(..., vision_tower=True))"),
+                              gc_vision=False, vision_tower=True)
             set_checkpointing(run.model, True)
         drop_master_weights(run, fp32_optimizer)
 

@@ -169,3 +169,52 @@ def test_uncheckpointed_layers_skip_the_recompute_and_keep_the_gradients(tmp_pat
     for name in all_grads:
         torch.testing.assert_close(last_grads[name], all_grads[name], msg=name)
         torch.testing.assert_close(vision_grads[name], all_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("vision_checkpointed", [True, False])
+def test_vision_tower_compiled_as_one_region_matches_eager(tmp_path: Path, family: str, vision_checkpointed: bool) -> None:
+    """`compile_blocks(..., vision_tower=True)`: the tower's forward, all its blocks inside, is one
+    graph (no break) over batches of other shapes; hidden states and gradients are the eager ones;
+    its blocks are not compiled one by one; without ready-made bookkeeping the tower runs eagerly."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", family=family, size="test"), dtype=torch.float32, device="cpu")
+    enable_activation_checkpointing(model, checkpoint_vision=vision_checkpointed)
+    model.train()
+    samples = read_samples(generate_split(tmp_path / "world", "train", 2, seed=1, size=448, progress=False))
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    b = encode_prompt(processor, view_conversation(samples[1], "crop", "mcq", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
+    batches = [build_batch([a, a, b], [[5, 6, 7], [8], [9, 10]], pad_id(processor)).to("cpu"),
+               build_batch([b, a], [[5, 6], [8, 9, 10, 11]], pad_id(processor)).to("cpu")]
+
+    def step(batch):
+        model.zero_grad()
+        h = response_hidden(model, batch)
+        h.pow(2).sum().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager = [step(x) for x in batches]
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    tower_calls = []
+    compiled_fn = model.model.visual.register_forward_hook(lambda *_: tower_calls.append(1))
+    modules = compile_blocks(model, vision_tower=True)
+    assert model.model.visual in modules
+    assert not any(m in modules for m in model.model.visual.blocks)  # inside the tower's region
+    assert len(modules) == 1 + model.config.text_config.num_hidden_layers
+    compiled = [step(x) for x in batches]
+    assert len(tower_calls) == 2 and not dynamo_utils.counters["graph_break"]
+    for (h0, g0), (h1, g1) in zip(eager, compiled):
+        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
+        assert g0.keys() == g1.keys()
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], atol=1e-3 * float(g0[name].abs().max()), rtol=1e-3, msg=name)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # the tower called without its bookkeeping: eager, no new graph
+        visual = model.model.visual
+        visual(batches[0].inputs["pixel_values"], grid_thw=batches[0].vision_grid)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    compiled_fn.remove()
+    uncompile_blocks(modules)
+    assert "forward" not in vars(model.model.visual)

@@ -21,6 +21,11 @@ keeps its attention eager and compiles its other parts (MLP, norms). Shapes are 
 lengths change every step), and all blocks of a kind share their graphs, one per grad mode and
 training flag (two for vision blocks: the tower's first block gets a view as input): modules are
 graph inputs, not constants. Blocks run eagerly when generating (a KV cache, one token per call).
+
+With `vision_tower=True` the vision tower's whole forward (its rotary ids and window order, all
+its blocks, checkpointed or not, and the merger) is one compiled region instead: a GPU step waits
+for the host through the tower's forward, where each separately compiled block costs about 1.5 ms
+of host time for 0.44 ms of kernels at the Qwen2.5-VL-3B shape (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -58,18 +63,35 @@ def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return _compiled_forward(type(block))(block, *args, **kwargs)
 
 
-def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = True) -> list[nn.Module]:
+def _tower_forward(tower: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The compiled vision tower when its bookkeeping comes ready-made (`models/vision_plan.py`, as
+    the training batches bring it); eager otherwise: it would compute it from the grid's values,
+    which a graph cannot read, and when generating."""
+    if "cu_seqlens" not in kwargs or torch.is_inference_mode_enabled():
+        return type(tower).forward(tower, *args, **kwargs)
+    return _compiled_forward(type(tower))(tower, *args, **kwargs)
+
+
+def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = True,
+                   vision_tower: bool = False) -> list[nn.Module]:
     """Compile each repeated block (`model._no_split_modules`: the decoder layers and the vision
     blocks of HF's VLMs) in place: whole, or its parts (MLP, norms) where its `fast_vision`
     attention cannot go through the compiled op (flash attention, attention dropout) or where
     `whole_vision=False`, or everywhere with `whole=False` (as before 2026-12-07):
-    benchmarks/perf_3b_train.py and benchmarks/host_overhead.py compare them. Calling it
-    again (on a copy of a compiled model, say) compiles the copy's own blocks. Returns the modules
-    compiled."""
+    benchmarks/perf_3b_train.py and benchmarks/host_overhead.py compare them. With `vision_tower`
+    (and vision blocks that compile whole) the vision tower's forward is compiled as one region,
+    its 32 blocks inside: one guard check and one wrapper per forward instead of one per block,
+    whose host time a GPU waits for (docs/PERFORMANCE.md). Calling it again (on a copy of a
+    compiled model, say) compiles the copy's own blocks. Returns the modules compiled."""
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see the module docstring
     kinds = set(getattr(model, "_no_split_modules", None) or ())
     compiled = []
-    for block in [m for m in model.modules() if type(m).__name__ in kinds]:
+    tower = _whole_tower(model) if whole and whole_vision and vision_tower else None
+    if tower is not None:
+        tower.forward = functools.partial(_tower_forward, tower)
+        compiled.append(tower)
+    inside = set(map(id, tower.modules())) if tower is not None else set()
+    for block in [m for m in model.modules() if type(m).__name__ in kinds and id(m) not in inside]:
         patched = [m for m in block.modules() if getattr(m, PATCHED, False)]
         if whole and (not patched or whole_vision and all(compiles_whole(m) for m in patched)):
             block.forward = functools.partial(_block_forward, block)
@@ -80,6 +102,14 @@ def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = Tr
                     part.compile(dynamic=True)
                     compiled.append(part)
     return compiled
+
+
+def _whole_tower(model: nn.Module) -> nn.Module | None:
+    """The vision tower (`model.model.visual`) when all of its attention goes through fast_vision's
+    compiled op (else its blocks are compiled one by one, in parts where needed)."""
+    tower = getattr(getattr(model, "model", None), "visual", None)
+    patched = [m for m in tower.modules() if getattr(m, PATCHED, False)] if tower is not None else []
+    return tower if patched and all(compiles_whole(m) for m in patched) else None
 
 
 def uncompile_blocks(modules: list[nn.Module]) -> None:
