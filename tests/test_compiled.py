@@ -17,40 +17,50 @@ from zoomless.train.common import enable_activation_checkpointing, pad_id, view_
 from zoomless.world.generate import generate_split
 
 
+def two_batches(tmp_path: Path, processor) -> list:
+    """Two training batches of ZoomWorld prompts (full image and crop, one shared) of other lengths."""
+    samples = read_samples(generate_split(tmp_path / "world", "train", 2, seed=1, size=448, progress=False))
+    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
+    b = encode_prompt(processor, view_conversation(samples[1], "crop", "mcq", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
+    return [build_batch([a, a, b], [[5, 6, 7], [8], [9, 10]], pad_id(processor)).to("cpu"),
+            build_batch([b, a], [[5, 6], [8, 9, 10, 11]], pad_id(processor)).to("cpu")]  # another length: dynamic shapes
+
+
+def forward_backward(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The response hidden states and every parameter's gradient of one forward+backward."""
+    model.zero_grad()
+    h = response_hidden(model, batch)
+    h.pow(2).sum().backward()
+    return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_steps(eager: list, compiled: list) -> None:
+    for (h0, g0), (h1, g1) in zip(eager, compiled):
+        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
+        assert g0.keys() == g1.keys()
+        for name in g0:  # sums in another order: relative to the gradient's scale
+            torch.testing.assert_close(g1[name], g0[name], atol=1e-3 * float(g0[name].abs().max()), rtol=1e-3, msg=name)
+
+
 def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None:
     import torch._dynamo.utils as dynamo_utils
 
     model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", size="test"), dtype=torch.float32, device="cpu")
     enable_activation_checkpointing(model)
     model.train()
-    samples = read_samples(generate_split(tmp_path / "world", "train", 2, seed=1, size=448, progress=False))
-    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
-    b = encode_prompt(processor, view_conversation(samples[1], "crop", "mcq", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
-    batches = [build_batch([a, a, b], [[5, 6, 7], [8], [9, 10]], pad_id(processor)),
-               build_batch([b, a], [[5, 6], [8, 9, 10, 11]], pad_id(processor))]  # another length: dynamic shapes
-
-    def step(batch):
-        model.zero_grad()
-        h = response_hidden(model, batch)
-        h.pow(2).sum().backward()
-        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    eager = [step(x) for x in batches]
+    batches = two_batches(tmp_path, processor)
+    eager = [forward_backward(model, x) for x in batches]
     dynamo_utils.counters.clear()
     blocks = compile_blocks(model)
     n = len(blocks)
-    compiled = [step(x) for x in batches]
+    compiled = [forward_backward(model, x) for x in batches]
     # decoder layers and vision blocks whole (the vision attention through fast_vision's op)
     assert n == model.config.text_config.num_hidden_layers + model.config.vision_config.depth
     assert dynamo_utils.counters["stats"]["unique_graphs"] > 0 and not dynamo_utils.counters["graph_break"]
     # the blocks of a kind share their graphs (a 36-layer model would otherwise exceed dynamo's
     # recompile limit): one for the decoder layers, two for the vision blocks (the first gets a view)
     assert dynamo_utils.counters["stats"]["unique_graphs"] <= 3
-    for (h0, g0), (h1, g1) in zip(eager, compiled):
-        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
-        assert g0.keys() == g1.keys()
-        for name in g0:  # sums in another order: relative to the gradient's scale
-            torch.testing.assert_close(g1[name], g0[name], atol=1e-3 * float(g0[name].abs().max()), rtol=1e-3, msg=name)
+    assert_same_steps(eager, compiled)
 
     # a copy (as make_teacher's EMA teacher) compiled again runs its own weights, without gradients
     teacher = copy.deepcopy(model).eval()
@@ -182,19 +192,8 @@ def test_vision_tower_compiled_as_one_region_matches_eager(tmp_path: Path, famil
     model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", family=family, size="test"), dtype=torch.float32, device="cpu")
     enable_activation_checkpointing(model, checkpoint_vision=vision_checkpointed)
     model.train()
-    samples = read_samples(generate_split(tmp_path / "world", "train", 2, seed=1, size=448, progress=False))
-    a = encode_prompt(processor, view_conversation(samples[0], "full", "open", max_pixels=112 * 112, crop_margin=0.25, zoom=2.0))
-    b = encode_prompt(processor, view_conversation(samples[1], "crop", "mcq", max_pixels=56 * 112, crop_margin=0.25, zoom=2.0))
-    batches = [build_batch([a, a, b], [[5, 6, 7], [8], [9, 10]], pad_id(processor)).to("cpu"),
-               build_batch([b, a], [[5, 6], [8, 9, 10, 11]], pad_id(processor)).to("cpu")]
-
-    def step(batch):
-        model.zero_grad()
-        h = response_hidden(model, batch)
-        h.pow(2).sum().backward()
-        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    eager = [step(x) for x in batches]
+    batches = two_batches(tmp_path, processor)
+    eager = [forward_backward(model, x) for x in batches]
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     tower_calls = []
@@ -203,13 +202,9 @@ def test_vision_tower_compiled_as_one_region_matches_eager(tmp_path: Path, famil
     assert model.model.visual in modules
     assert not any(m in modules for m in model.model.visual.blocks)  # inside the tower's region
     assert len(modules) == 1 + model.config.text_config.num_hidden_layers
-    compiled = [step(x) for x in batches]
+    compiled = [forward_backward(model, x) for x in batches]
     assert len(tower_calls) == 2 and not dynamo_utils.counters["graph_break"]
-    for (h0, g0), (h1, g1) in zip(eager, compiled):
-        torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
-        assert g0.keys() == g1.keys()
-        for name in g0:
-            torch.testing.assert_close(g1[name], g0[name], atol=1e-3 * float(g0[name].abs().max()), rtol=1e-3, msg=name)
+    assert_same_steps(eager, compiled)
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():  # the tower called without its bookkeeping: eager, no new graph
         visual = model.model.visual

@@ -13,9 +13,9 @@ features' gradient with `masked_select`: an output of data-dependent size, so a 
 middle of the backward, right before the vision tower's. With the GPU's queue drained there, the
 vision backward runs at the pace of the CPU launching its many small kernels (docs/PERFORMANCE.md).
 `image_gradients_by_index` keeps the values and moves the gradient: transformers scatters a
-detached copy of the features, and the language model's input gets `index_add(features - detached)`
-at the image positions, known on the CPU: zero in value, the features' gradient in the backward
-(an `index_select`, no sync).
+detached copy of the features, and the language model's input gets `features - detached` added at
+the image positions, known on the CPU: zero in value, the features' gradient in the backward (a
+gather by index, no sync).
 """
 
 from __future__ import annotations
@@ -91,12 +91,12 @@ def image_gradients_by_index(backbone: nn.Module | None, host_ids: Tensor | None
             host_ids.device.type != "cpu":
         yield
         return
-    where = (host_ids.reshape(-1) == token_id).nonzero().squeeze(1)  # flat image positions, in mask order
+    where = (host_ids == token_id).nonzero().unbind(1)  # (rows, columns) of the image tokens, in mask order
     detached: list[Tensor] = []  # the features whose copy went to transformers' scatter
 
     def after_visual(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         features = getattr(output, "pooler_output", None)  # the merged tokens get_image_features scatters
-        if not isinstance(features, Tensor) or not features.requires_grad or features.shape[0] != len(where):
+        if not isinstance(features, Tensor) or not features.requires_grad or features.shape[0] != len(where[0]):
             return None
         detached.append(features)
         return type(output)(**{**output, "pooler_output": features.detach()})
@@ -108,10 +108,11 @@ def image_gradients_by_index(backbone: nn.Module | None, host_ids: Tensor | None
         if embeds is None or detached:  # the features' gradient would be lost: refuse
             raise RuntimeError("image_gradients_by_index: the language model did not get the image features "
                                "as inputs_embeds, once per vision call")
-        flat = embeds.reshape(-1, embeds.shape[-1])
         grad_path = (features - features.detach()).to(embeds.dtype)  # zeros that carry the gradient
-        merged = flat.index_add(0, to_device(where, embeds.device), grad_path).view_as(embeds)
-        return args, {**kwargs, "inputs_embeds": merged}
+        at = [to_device(i, embeds.device) for i in where]
+        # index_put without its bounds check (a host read on a GPU; the indices come from the ids
+        # themselves), out of place and not a view (else the first decoder layer gets a graph of its own)
+        return args, {**kwargs, "inputs_embeds": torch.ops.aten._unsafe_index_put(embeds, at, grad_path, True)}
 
     handles = [visual.register_forward_hook(after_visual, with_kwargs=True),
                language_model.register_forward_pre_hook(before_language_model, with_kwargs=True)]
