@@ -537,20 +537,16 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
                 break
             results["variants"].pop()
             keep //= 2
-        if wanted("opd-master-compiled-vkeep") or wanted("grpo-master-compiled-vkeep"):
+        # the vision blocks not checkpointed (checkpoint_vision: false), then the same with the tower in one region
+        for suffix, tower, like in (("vkeep", False, "vision blocks not checkpointed (checkpoint_vision: false)"),
+                                    ("tower", True, "vision blocks not checkpointed, the vision tower compiled as one "
+                                                    "region (compile_blocks(..., vision_tower=True))")):
+            names = [f"{recipe}-master-compiled-{suffix}" for recipe in ("opd", "grpo")]
+            if not any(wanted(n) for n in names):
+                continue
             set_checkpointing(run.model, True, vision=False)
-            compiled_variants(("opd-master-compiled-vkeep", opd, "as opd-master-compiled, vision blocks not checkpointed "
-                               "(checkpoint_vision: false)"),
-                              ("grpo-master-compiled-vkeep", grpo, "as grpo-master-compiled, vision blocks not "
-                               "checkpointed (checkpoint_vision: false)"), gc_vision=False)
-            set_checkpointing(run.model, True)
-        if wanted("opd-master-compiled-tower") or wanted("grpo-master-compiled-tower"):
-            set_checkpointing(run.model, True, vision=False)
-            compiled_variants(("opd-master-compiled-tower", opd, "as opd-master-compiled-vkeep, the vision tower "
-                               "compiled as one region (compile_blocks(..., vision_tower=True))"),
-                              ("grpo-master-compiled-tower", grpo, "as grpo-master-compiled-vkeep, the vision tower "
-                               "compiled as one region (compile_blocks(..., vision_tower=True))"),
-                              gc_vision=False, vision_tower=True)
+            compiled_variants((names[0], opd, f"as opd-master-compiled, {like}"),
+                              (names[1], grpo, f"as grpo-master-compiled, {like}"), gc_vision=False, vision_tower=tower)
             set_checkpointing(run.model, True)
         drop_master_weights(run, fp32_optimizer)
 
