@@ -14,6 +14,11 @@
 #   rm -rf build/head && mkdir -p build/head && git archive HEAD benchmarks src | tar -x -C build/head)
 #   first runs VARIANTS_BASE of that tree at A's shape, and at B's shape VARIANTS4B_BASE: the
 #   baseline on the same machine (perf1-base, perf4b-base).
+# VARIANTS_EXPSEG (empty: none) runs those variants at A's shape once more with
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (perf1-expseg): the caching allocator's retries
+#   near a full GPU are a suspect for the occasional slow step.
+# First, the GPU branches of the tests a CPU skips (tests/test_fast_vision.py -k cuda: the flash
+#   kernels fast_vision calls itself), into perf-gputests/ (GPUTESTS=0: not run).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
 # $OUT/perf.tar (a call returns at most 8 files), packed again after each run.
 set -uo pipefail
@@ -30,6 +35,8 @@ VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the 4-prompt run's
 BASE=${BASE:-}  # a baseline tree (see above); empty: none
 VARIANTS_BASE=${VARIANTS_BASE:-opd-master-compiled,grpo-master-compiled}
 VARIANTS4B_BASE=${VARIANTS4B_BASE:-grpo-master-compiled}
+VARIANTS_EXPSEG=${VARIANTS_EXPSEG:-}
+GPUTESTS=${GPUTESTS:-1}
 STEPS=${STEPS:-4}  # timed steps per variant (2-step medians moved by 10-40% with variant order)
 RES=/tmp/zl-perf-results  # the runs write here; $OUT gets only perf.tar
 rm -rf "$RES" && mkdir -p "$RES"
@@ -44,10 +51,20 @@ perf() {  # perf() TREE NAME ARGS...: perf_3b.py of TREE (its own src first), re
   pack
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+if [ "$GPUTESTS" = 1 ]; then
+  mkdir -p "$RES/perf-gputests"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_vision.py -k cuda 2>&1 | tail -20 \
+    | tee "$RES/perf-gputests/pytest.txt"
+  pack
+fi
 if [ -n "$BASE" ]; then
   perf "$BASE" perf1-base --variants "$VARIANTS_BASE" --no-profile --time-budget $((TOTAL / 5))
 fi
 perf . perf1 --variants "$VARIANTS" --time-budget $((TOTAL * 2 / 5 - SECONDS / 2))
+if [ -n "$VARIANTS_EXPSEG" ]; then
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True perf . perf1-expseg --variants "$VARIANTS_EXPSEG" --no-profile \
+    --time-budget $((TOTAL / 5))
+fi
 left=$((TOTAL - SECONDS))
 if [ "$SHAPE4B" = 1 ] && [ "$left" -gt 90 ]; then
   if [ -n "$BASE" ]; then

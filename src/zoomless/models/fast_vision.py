@@ -18,8 +18,9 @@ GPU_BACKENDS), so they match HF's to the rounding of the attention kernel.
 Under torch.compile (`compiled.compile_blocks` compiles vision blocks whole) the grouping runs
 inside a custom op, `grouped_vision_attention`: dynamo sees only its output's shape, and the op
 plans at run time (same cache, same numbers), so the rest of the block traces into one graph that
-no plan recompiles. Its backward recomputes the attention. Eager, the forward groups directly, as
-above. Compiled, cu_seqlens that do not tile the sequence raise instead of falling back.
+no plan recompiles. With SDPA it calls the flash kernels itself and its backward starts from
+their log-sum-exp; otherwise its backward recomputes the attention. Eager, the forward groups
+directly, as above. Compiled, cu_seqlens that do not tile the sequence raise instead of falling back.
 """
 
 from __future__ import annotations
@@ -103,6 +104,21 @@ def _make_plan(bounds: list[int], seq: int, device: torch.device) -> Plan | None
     return groups, to_device(torch.argsort(torch.cat(positions)), device)
 
 
+def _chunks(t: torch.Tensor, length: int, index: torch.Tensor | None) -> torch.Tensor:
+    """The chunks of `length` of a packed [seq, heads, d] tensor as one batch [n, heads, L, d]
+    (`index` from the plan; None: one length over the whole sequence, a view, no gather)."""
+    if index is None:
+        return t.reshape(t.shape[0] // length, length, *t.shape[1:]).transpose(1, 2)
+    return t[index].transpose(1, 2)
+
+
+def _unchunk(outs: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
+    """Each group's [n, L, heads, d] back to one packed [seq, heads, d], in token order."""
+    outs = [o.reshape(-1, *o.shape[2:]) for o in outs]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if order is None else out[order]
+
+
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -110,17 +126,8 @@ def grouped_attention(
     """Attention within each chunk of packed [seq, heads, d] tensors, one `attend` call per chunk
     length (`plan` from `chunk_plan`). `attend` maps [n, heads, L, d] q, k, v to [n, L, heads, d]
     (HF's attention output layout)."""
-    seq, heads, dim = q.shape
     groups, order = plan
-    outs = []
-    for length, index in groups:
-        if index is None:  # one length over the whole sequence: a view, no gather
-            qb, kb, vb = (t.reshape(seq // length, length, heads, dim).transpose(1, 2) for t in (q, k, v))
-        else:
-            qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))
-        outs.append(attend(qb, kb, vb).reshape(-1, heads, dim))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out if order is None else out[order]
+    return _unchunk([attend(*(_chunks(t, length, index) for t in (q, k, v))) for length, index in groups], order)
 
 
 def _plain_layout(module: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> bool:
@@ -184,22 +191,87 @@ def _grouped_forward(
 # The attention as one opaque op, so that dynamo traces the rest of a vision block (qkv, rotary,
 # proj, MLP, norms) into one graph: the plan reads cu_seqlens' values on the host, which dynamo
 # cannot trace, and it changes with every batch, which a traced plan would recompile for.
+#
+# Where it can (`_flash_kernels`), the op calls SDPA's flash kernels itself, the ones SDPA picks
+# there anyway: the forward keeps each chunk's log-sum-exp, and the backward runs their backward
+# from it. Otherwise the op calls HF's attention function and its backward recomputes it through
+# torch.func.vjp, which costs about 0.7 ms of host time per call (GPU profile, 2026-12-07): 22 ms
+# per backward of the 3B's 32 vision blocks, while the GPU waits on the host there.
+
+
+def _flash_kernels(q: torch.Tensor, implementation: str, dropout: float) -> bool:
+    """Whether the op calls SDPA's flash kernels directly: HF's sdpa implementation without
+    dropout, on the CPU or on a GPU where SDPA runs flash attention (half precision, a head size of
+    a multiple of 8 up to 256, compute capability 8.0 or more)."""
+    if implementation != "sdpa" or dropout:
+        return False
+    if q.device.type == "cpu":
+        return True
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, is_causal: bool):
+    """[n, heads, L, d] q, k, v -> the output [n, L, heads, d] and the log-sum-exp [n, heads, L] (fp32)."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scaling)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scaling)
+    return out.transpose(1, 2), lse
+
+
+def _flash_backward(grad, q, k, v, out, lse, scaling: float, is_causal: bool) -> tuple[torch.Tensor, ...]:
+    """The gradients of [n, heads, L, d] q, k, v from the output's `grad`, and `out` and `lse` as
+    `_flash_forward` gave them (`out` transposed back to [n, heads, L, d])."""
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, is_causal, scale=scaling)
+    # as torch's own derivative passes them: no cumulative lengths (one length), and a random
+    # state that no dropout reads
+    length, rng = q.shape[2], torch.empty(0, dtype=torch.uint64, device=q.device)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse, None, None, length, length, 0.0, is_causal, rng, rng, scale=scaling)
+
+
+def _op_plan(cu_seqlens: torch.Tensor, seq: int) -> Plan:
+    plan = chunk_plan(cu_seqlens, seq)
+    if plan is None:  # HF's forward fails on such cuts too
+        raise ValueError("cu_seqlens does not cut the sequence into consecutive chunks")
+    return plan
 
 
 def _op_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
-) -> torch.Tensor:
-    plan = chunk_plan(cu_seqlens, q.shape[0])
-    if plan is None:  # HF's forward fails on such cuts too
-        raise ValueError("cu_seqlens does not cut the sequence into consecutive chunks")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output [seq, heads, d] and, from the flash kernels, the chunks' log-sum-exp
+    (flat, group by group; an empty tensor when HF's attention function ran)."""
+    groups, order = plan = _op_plan(cu_seqlens, q.shape[0])
+    if _flash_kernels(q, implementation, dropout):
+        outs, lses = zip(*(_flash_forward(*(_chunks(t, length, index) for t in (q, k, v)), scaling, is_causal)
+                           for length, index in groups))
+        return _unchunk(list(outs), order).contiguous(), torch.cat([lse.reshape(-1) for lse in lses])
     # HF's attention functions read these of the module (its own carries the same)
     module = types.SimpleNamespace(num_key_value_groups=1, is_causal=is_causal, training=dropout > 0)
     attend = _attend(module, implementation, hf_module, scaling, dropout, is_causal)
-    return grouped_attention(q, k, v, plan, attend).contiguous()
+    return grouped_attention(q, k, v, plan, attend).contiguous(), q.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("zoomless::grouped_vision_attention", mutates_args=())
+def _grouped_vision_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _op_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal)
+
+
+@_grouped_vision_attention.register_fake
+def _(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal):
+    # every token is in one chunk: heads x seq log-sum-exps
+    lse_size = q.shape[0] * q.shape[1] if _flash_kernels(q, implementation, dropout) else 0
+    return q.new_empty(q.shape), q.new_empty(lse_size, dtype=torch.float32)
+
+
 def grouped_vision_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
@@ -207,27 +279,32 @@ def grouped_vision_attention(
     """Attention within each chunk of packed [seq, heads, d] q, k, v (rotary applied) cut by
     `cu_seqlens`, batched by chunk length; [seq, heads, d]. HF's attention function
     `implementation` (else `hf_module`'s eager one) with these scaling, dropout and is_causal."""
-    return _op_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal)
-
-
-@grouped_vision_attention.register_fake
-def _(q, k, v, cu_seqlens, *args):
-    return q.new_empty(q.shape)
+    return _grouped_vision_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal)[0]
 
 
 @torch.library.custom_op("zoomless::grouped_vision_attention_backward", mutates_args=())
 def _grouped_vision_attention_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-    implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens: torch.Tensor, implementation: str, hf_module: str, scaling: float, dropout: float, is_causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Recomputes the attention rather than saving what each SDPA kernel's backward needs: at the
+    if lse.numel():  # the forward ran the flash kernels: their backward, from what it kept
+        groups, order = _op_plan(cu_seqlens, q.shape[0])
+        grads, start = [], 0
+        for length, index in groups:
+            qb, kb, vb, ob, gb = (_chunks(t, length, index) for t in (q, k, v, out, grad))
+            size = qb.shape[0] * qb.shape[1] * length
+            lb = lse[start:start + size].view(qb.shape[0], qb.shape[1], length)
+            start += size
+            grads.append([g.transpose(1, 2) for g in _flash_backward(gb, qb, kb, vb, ob, lb, scaling, is_causal)])
+        return tuple(_unchunk(list(g), order).contiguous() for g in zip(*grads))
+    # Recomputes the attention rather than saving what each kernel's backward needs: at the
     # Qwen2.5-VL-3B shape the vision attention is ~2% of the tower's forward FLOPs (1% of a block
     # with 64-token windows, 13% of a full one with 1,024-token images), next to its matmuls. A
     # dropout mask would not be drawn again: compile_blocks compiles whole only blocks without
     # attention dropout. torch.func.vjp, not autograd.grad: an op's implementation runs below the
     # autograd dispatch key, where tensors record no graph.
     _, vjp = torch.func.vjp(
-        lambda q, k, v: _op_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal),
+        lambda q, k, v: _op_attention(q, k, v, cu_seqlens, implementation, hf_module, scaling, dropout, is_causal)[0],
         q, k, v,
     )
     return tuple(g.contiguous() for g in vjp(grad))
@@ -239,15 +316,17 @@ def _(grad, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:4])
+    ctx.save_for_backward(*inputs[:4], *output)  # q, k, v, cu_seqlens, out, lse
     ctx.args = inputs[4:]
 
 
-def _backward(ctx, grad):
-    return *_grouped_vision_attention_backward(grad, *ctx.saved_tensors, *ctx.args), *(None,) * (1 + len(ctx.args))
+def _backward(ctx, grad, _lse_grad):
+    q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+    grads = _grouped_vision_attention_backward(grad, q, k, v, out, lse, cu_seqlens, *ctx.args)
+    return *grads, *(None,) * (1 + len(ctx.args))
 
 
-grouped_vision_attention.register_autograd(_backward, setup_context=_setup_context)
+_grouped_vision_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def compiles_whole(module: nn.Module) -> bool:
