@@ -25,6 +25,9 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                                       the vision blocks keep their activations (`checkpoint_vision: false`)
     opd-master-compiled-tower, grpo-master-compiled-tower   as the -vkeep ones, the vision tower compiled as
                                       one region (`compile_blocks(..., vision_tower=True)`)
+    opd-master-compiled-ema16, opd-master-compiled-vkeep-ema16   as opd-master-compiled and its -vkeep, with
+                                      the recipe's EMA teacher as a bf16 copy (`teacher_dtype: bfloat16`:
+                                      7.5 GB at 3B; the fp32 copy's 15 GB do not fit 80 GB)
   bf16 weights, gradients and AdamW states (`model.to(bfloat16)`: half the memory; NOT a drop-in
   for training: without fp32 master weights a 1e-6 update is below bf16 resolution):
     grpo-bf16-nogc, opd-bf16 (fp32 EMA teacher, as the recipe keeps it), opd-bf16-nogc,
@@ -548,6 +551,23 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
             compiled_variants((names[0], opd, f"as opd-master-compiled, {like}"),
                               (names[1], grpo, f"as grpo-master-compiled, {like}"), gc_vision=False, vision_tower=tower)
             set_checkpointing(run.model, True)
+        # the recipe's EMA teacher, its copy in bf16 (teacher_dtype: bfloat16; the fp32 one does not fit 80 GB
+        # at 3B): its forward on its own weights and its stochastically rounded update after each step
+        ema16 = [n for n in ("opd-master-compiled-ema16", "opd-master-compiled-vkeep-ema16") if wanted(n)]
+        if ema16:
+            teacher16 = make_teacher(run.model, "ema", weights=run.fp32_state_dict(), dtype=torch.bfloat16)
+            compile_blocks(teacher16)
+            ema16_cfg = cfg.model_copy(update={"teacher": "ema", "teacher_dtype": "bfloat16"})
+            opd16 = opd_step_fn(ema16_cfg, run, teacher16, engine, banned, counter)
+            for name in ema16:
+                keep_vision = "-vkeep" in name
+                set_checkpointing(run.model, True, vision=not keep_vision)
+                compiled_variants((name, opd16, "as opd-master-compiled" + (", vision blocks not checkpointed" if
+                                   keep_vision else "") + ", the EMA teacher as a bf16 copy (teacher_dtype: bfloat16)"),
+                                  gc_vision=not keep_vision)
+                set_checkpointing(run.model, True)
+            del teacher16, opd16
+            free_memory(run)
         drop_master_weights(run, fp32_optimizer)
 
     # bf16 weights, gradients and optimizer states

@@ -117,6 +117,29 @@ def test_ema_teacher_after_one_step_and_frozen_teacher(assets, tmp_path) -> None
         assert torch.equal(t, base[name]), name
 
 
+def test_bf16_teacher_is_the_rounded_ema_and_resumes_exactly(assets, tmp_path) -> None:
+    """`teacher_dtype: bfloat16`: the teacher is saved in bf16, within one bf16 step of the fp32 EMA
+    of its start and the student, and a resumed run rounds exactly as the uninterrupted one."""
+    straight = train_opd(_cfg(assets, tmp_path / "a", max_steps=2, save_every=1, teacher_dtype="bfloat16"))
+    first = checkpoint_dir(tmp_path / "a", 1)
+    base, student, teacher = _weights(assets[0]), _weights(first), _weights(first / "teacher")
+    moved = 0
+    for name, t in teacher.items():
+        assert t.dtype == torch.bfloat16, name
+        start = base[name].to(torch.bfloat16).float()  # the copy starts rounded to nearest
+        expected = 0.95 * start + 0.05 * student[name].float()
+        step = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(expected.abs().clamp(min=1e-30)))
+        assert ((t.float() - expected).abs() <= step).all(), name
+        moved += not torch.equal(t.float(), start)
+    assert moved > 0
+    train_opd(_cfg(assets, tmp_path / "b", max_steps=1, teacher_dtype="bfloat16"))
+    resumed = train_opd(_cfg(assets, tmp_path / "b", max_steps=2, resume=True, teacher_dtype="bfloat16"))
+    for name, t in _weights(straight / "teacher").items():
+        assert torch.equal(t, _weights(resumed / "teacher")[name]), name
+    with pytest.raises(ValueError, match="teacher_dtype is the dtype of an 'ema' or 'frozen'"):
+        _cfg(assets, tmp_path / "x", teacher="student", teacher_dtype="bfloat16")
+
+
 def test_resume_continues_exactly(assets, tmp_path) -> None:
     straight = train_opd(_cfg(assets, tmp_path / "a", max_steps=4, save_every=2))
     train_opd(_cfg(assets, tmp_path / "b", max_steps=2))

@@ -128,6 +128,9 @@ class OPDConfig(TrainConfig):
     alpha: float = Field(0.5, ge=0, le=1)  # 0: KL(T||S), 1: KL(S||T), 0.5: JSD (reference)
     teacher: Literal["ema", "frozen", "student"] = "ema"
     ema_rate: float = Field(0.05, ge=0, le=1)  # reference 0.05
+    # the EMA or frozen teacher's copy: float32 (reference), or bfloat16, half the memory (7.5 GB
+    # less at 3B) with the EMA rounded stochastically (train/ema.py); one process only
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     student_view: Literal["full", "overlay"] = "full"
     teacher_view: Literal["teacher", "zoom", "crop"] = "teacher"
     is_clip: float | None = Field(None, gt=0)  # truncated IS weights; only matter with updates_per_batch > 1
@@ -140,6 +143,13 @@ class OPDConfig(TrainConfig):
     # render and encode the next batch's prompts in a background thread while this step runs
     # (train/prefetch.py); false: at the start of each step, on the main thread
     prefetch_prompts: bool = True
+
+    @model_validator(mode="after")
+    def _teacher_dtype_needs_a_copy(self) -> "OPDConfig":
+        if self.teacher_dtype != "float32" and self.teacher == "student":
+            raise ValueError("teacher_dtype is the dtype of an 'ema' or 'frozen' teacher's copy: the live "
+                             "student has none")
+        return self
 
     @model_validator(mode="after")
     def _anchor_needs_a_teacher(self) -> "OPDConfig":
@@ -169,7 +179,7 @@ class JudgeConfig(BaseModel):
 
 
 # Fields GRPOConfig inherits from OPDConfig that only the hybrid objective reads.
-OPD_ONLY_FIELDS = ("topk", "alpha", "teacher", "ema_rate", "teacher_view", "is_clip")
+OPD_ONLY_FIELDS = ("topk", "alpha", "teacher", "ema_rate", "teacher_dtype", "teacher_view", "is_clip")
 
 
 class GRPOConfig(OPDConfig):

@@ -187,15 +187,18 @@ def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Mod
 
     if cfg.teacher == "student":  # under FSDP the student runs through its sharded wrapper
         return (run.policy if run.dist.fsdp else run.model), {}
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
+    if run.dist.fsdp and dtype != torch.float32:
+        raise ValueError("teacher_dtype: bfloat16 is for one process: under FSDP the teacher's shards stay fp32")
     init, where = None, "cpu" if run.dist.fsdp else run.device  # fully_shard moves each shard to its GPU
     if run.resumed_from is not None:
-        init, _ = load_vlm(run.resumed_from / "teacher", dtype=torch.float32, device=where)
+        init, _ = load_vlm(run.resumed_from / "teacher", dtype=dtype, device=where)
     elif run.dist.fsdp:
         init, _ = load_vlm(cfg.model_dir, dtype=torch.float32, device=where)
     if run.dist.fsdp:
         teacher = shard_like_policy(run.dist, init)
     else:  # a bf16 student's copy starts from its fp32 masters
-        teacher = make_teacher(run.model, cfg.teacher, init=init, weights=run.fp32_state_dict())
+        teacher = make_teacher(run.model, cfg.teacher, init=init, weights=run.fp32_state_dict(), dtype=dtype)
     if cfg.compile_blocks:  # a deep copy's compiled parts run eagerly (nn.Module.compile is not copied)
         from zoomless.models.compiled import compile_blocks
 
@@ -210,8 +213,17 @@ def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float,
     if applied and cfg.teacher == "ema":
         if run.dist.fsdp:
             reshard(teacher)  # its forward leaves the root and the head gathered
-        ema_update_(unwrap(teacher), run.fp32_parameters(), cfg.ema_rate)
+        ema_update_(unwrap(teacher), run.fp32_parameters(), cfg.ema_rate, rounding_generator(cfg, run))
     return norm, applied
+
+
+def rounding_generator(cfg: OPDConfig, run: Run) -> torch.Generator | None:
+    """The random bits of a bf16 teacher's stochastic rounding (train/ema.py): seeded by the run's
+    seed and the number of updates applied so far (the scheduler's count, which a checkpoint
+    restores), so that a resumed run rounds as the uninterrupted one did."""
+    if cfg.teacher_dtype != "bfloat16":
+        return None
+    return torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + run.scheduler.last_epoch)
 
 
 def opd_step(
