@@ -156,24 +156,30 @@ def test_compiled_path_op_gives_the_eager_numbers(attn, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_backward_uses_the_kept_log_sum_exp_instead_of_recomputing(device):
     """With sdpa the op's backward runs only the flash kernels' backward (no forward again, no
-    torch.func.vjp); a head size flash attention does not take falls back to recomputing."""
+    torch.func.vjp); HF's eager attention, or on a GPU a head size flash attention does not take,
+    falls back to recomputing the forward in the backward."""
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf
 
-    def kernels(head_dim: int) -> tuple[list[str], list[str]]:
+    def ops(attn: str, head_dim: int) -> tuple[list[str], list[str]]:
+        """The aten ops of the op's forward and of its backward."""
         (q, k, v), bounds, w = op_inputs(device, head_dim)
         with torch.profiler.profile() as fwd:
-            out = fv.grouped_vision_attention(q, k, v, bounds, "sdpa", hf.__name__, 8**-0.5, 0.0, False)
+            out = fv.grouped_vision_attention(q, k, v, bounds, attn, hf.__name__, 8**-0.5, 0.0, False)
         with torch.profiler.profile() as bwd:
             (out * w).sum().backward()
-        return [[e.name for e in p.events() if "flash_attention" in e.name or "efficient_attention" in e.name]
-                for p in (fwd, bwd)]
+        return [[e.name for e in p.events() if e.name.startswith("aten::")] for p in (fwd, bwd)]
 
-    forward, backward = kernels(8)
-    assert forward and all("backward" not in n for n in forward)
-    assert backward and all("backward" in n for n in backward)
-    if device == "cuda":  # 12 is no multiple of 8: SDPA's choice through HF's function, recomputed
-        forward, backward = kernels(12)
-        assert any("backward" not in n for n in backward)
+    def attention(names: list[str], backward: bool) -> list[str]:
+        return [n for n in names if "scaled_dot_product" in n and ("backward" in n) == backward]
+
+    forward, backward = ops("sdpa", 8)
+    assert attention(forward, False) and not attention(forward, True)
+    assert attention(backward, True) and not attention(backward, False) and "aten::_softmax" not in backward
+    _, backward = ops("eager", 8)  # HF's eager attention: matmuls and a softmax, recomputed
+    assert "aten::_softmax" in backward
+    if device == "cuda":  # 12 is no multiple of 8: SDPA's own choice through HF's function, recomputed
+        _, backward = ops("sdpa", 12)
+        assert attention(backward, False)
 
 
 def test_chunk_plan_rejects_cuts_that_do_not_tile_the_sequence():
