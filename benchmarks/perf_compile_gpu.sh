@@ -17,8 +17,8 @@
 # VARIANTS_EXPSEG (empty: none) runs those variants at A's shape once more with
 #   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (perf1-expseg): the caching allocator's retries
 #   near a full GPU are a suspect for the occasional slow step.
-# First, the GPU branches of the tests a CPU skips (tests/test_fast_vision.py -k cuda: the flash
-#   kernels fast_vision calls itself), into perf-gputests/ (GPUTESTS=0: not run).
+# First, the GPU branches of the tests a CPU skips (-k cuda: the flash kernels fast_vision calls
+#   itself, the bf16 EMA teacher's compiled update), into perf-gputests/ (GPUTESTS=0: not run).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
 # $OUT/perf.tar (a call returns at most 8 files), packed again after each run.
 set -uo pipefail
@@ -53,7 +53,8 @@ perf() {  # perf() TREE NAME ARGS...: perf_3b.py of TREE (its own src first), re
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 if [ "$GPUTESTS" = 1 ]; then
   mkdir -p "$RES/perf-gputests"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_vision.py -k cuda 2>&1 | tail -20 \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fast_vision.py tests/test_train_common.py -k cuda \
+    2>&1 | tail -20 \
     | tee "$RES/perf-gputests/pytest.txt"
   pack
 fi

@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--test-n", type=int, default=120)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--compute", choices=("float32", "bfloat16"), default="float32", help="the run's compute dtype")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="the teacher dtypes to run, comma-separated")
     a = p.parse_args()
     base = demo.shipped_model_dir()
     if base is None:
@@ -55,7 +56,7 @@ def main() -> None:
     base_scores = scores(demo._dual_view(test, base, a.out / "eval-base", "base"))
     runs = []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in a.dtypes.split(","):
             name = f"{dtype}-s{seed}"
             t = time.perf_counter()
             final = distill(base, train, a.out / name, a.steps, seed, dtype, a.compute)
@@ -71,7 +72,7 @@ def main() -> None:
              f"scenes, {a.compute} compute",
              "", "| teacher dtype | full (mean, per seed) | crop (mean, per seed) | train s |", "|---|---|---|---:|",
              f"| BASE (before training) | {base_scores['full']} | {base_scores['crop']} | |"]
-    for dtype in ("float32", "bfloat16"):
+    for dtype in a.dtypes.split(","):
         rs = [r for r in runs if r["dtype"] == dtype]
         cell = lambda v: f"{statistics.fmean(r[v] for r in rs):.1f} ({', '.join(str(r[v]) for r in rs)})"
         lines.append(f"| {dtype} | {cell('full')} | {cell('crop')} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")

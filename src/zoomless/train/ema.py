@@ -8,14 +8,18 @@ may still run under bf16 autocast. Only parameters are averaged; buffers are cop
 the Vision-OPD recipe fit one 80 GB GPU at the 3B shape) and rounds each EMA update
 *stochastically*: up with the probability of the discarded fraction, so that the expected teacher
 is the fp32 EMA and small moves accumulate instead of vanishing. The price is noise around the fp32
-EMA: 0.7 bf16 steps RMS under a steady drift of lr-sized updates, where an EMA rounded to nearest
+EMA: 0.75 bf16 steps RMS under a steady drift of lr-sized updates, where an EMA rounded to nearest
 falls 4.7 steps behind and keeps falling (tests/test_train_common.py). A bf16 student's own
-weights are rounded to nearest, 0.3 steps RMS.
+weights are rounded to nearest, 0.29 steps RMS. The random bits are a hash of each element's index
+and a seed the recipe derives from its step count, so that a resumed run rounds as the
+uninterrupted one did, and the update compiled for a GPU (one kernel per weight tensor) draws the
+same bits as the eager one.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Literal, Mapping
 
 import torch
@@ -48,25 +52,47 @@ def make_teacher(
     return teacher
 
 
-def round_stochastically(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def _noise16(shape: torch.Size, seed: torch.Tensor) -> torch.Tensor:
+    """16 pseudo-random bits per element: a hash of the element's index and `seed` (an int64
+    tensor, so that a compiled caller does not recompile for every seed). Counter-based, unlike
+    torch's generators, so that eager and compiled code draw the same bits: int64 arithmetic whose
+    products stay below 2^63 (a 32-bit value times a 27-bit constant)."""
+    x = (torch.arange(shape.numel(), device=seed.device).view(shape) ^ seed) & 0xFFFFFFFF
+    for _ in range(2):  # Thomas Mueller's 32-bit integer hash
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((x >> 16) ^ x) & 0xFFFF
+
+
+def round_stochastically(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """fp32 `x` in bf16, each value rounded up (away from zero) with the probability of the part of
-    its mantissa that bf16 drops, else down: E[result] = x. bf16 keeps an fp32's upper 16 bits, so a
-    random 16-bit number added to the lower ones carries into the kept part with that probability
-    (the sign bit is apart: negative values round symmetrically). Infinities and torch's NaN stay
-    what they are. In place on one int32 buffer: a bf16 teacher's update reads and writes each
-    weight a few times per step (memory-bound on a GPU)."""
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    noise.add_(x.float().contiguous().view(torch.int32)).bitwise_and_(-65536)  # -65536: 0xFFFF0000
-    return noise.view(torch.float32).to(torch.bfloat16)  # the lower 16 bits are zero: exact
+    its mantissa that bf16 drops, else down: E[result] = x. bf16 keeps an fp32's upper 16 bits, so
+    16 random bits added to the lower ones carry into the kept part with that probability (the
+    sign bit is apart: negative values round symmetrically). Infinities and torch's NaN stay what
+    they are. The bits come from `_noise16(seed)`."""
+    bits = x.float().contiguous().view(torch.int32) + _noise16(x.shape, seed).to(torch.int32)
+    return (bits & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000; exact in bf16
+
+
+def _ema_bf16_(t: torch.Tensor, s: torch.Tensor, rate: float, seed: torch.Tensor) -> None:
+    t.copy_(round_stochastically(t.float().lerp_(s.float(), rate), seed))
+
+
+@functools.cache
+def _compiled_ema_bf16():
+    """`_ema_bf16_` as one fused kernel per tensor: it reads the bf16 teacher and the fp32 student
+    and writes the teacher (8 bytes per weight), where the eager steps, the hash's int64 passes
+    among them, move some 270."""
+    return torch.compile(_ema_bf16_, dynamic=True)
 
 
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tensor], rate: float,
-                generator: torch.Generator | None = None) -> None:
+                seed: int = 0, compiled: bool | None = None) -> None:
     """In place, parameter by parameter: teacher <- (1 - rate) * teacher + rate * student, in fp32;
-    a bf16 teacher gets the result rounded stochastically (`round_stochastically`, drawing from
-    `generator`). `student` is a module or its parameters by name (`Run.fp32_parameters()`: a bf16
-    student's masters).
+    a bf16 teacher gets the result rounded stochastically (`round_stochastically`; `seed` picks the
+    random bits, one stream per parameter; `compiled`: fused by torch.compile, by default on GPUs).
+    `student` is a module or its parameters by name (`Run.fp32_parameters()`: a bf16 student's
+    masters).
 
     Parameters are matched by name, so a different module order or wrapping fails loudly instead of
     silently averaging the wrong tensors.
@@ -81,11 +107,14 @@ def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tens
     # plain tensors of one dtype and device (an fp32 student, or a bf16 student's masters) go in one
     # foreach call instead of a kernel launch per tensor (~800 at 3B); the rest (a bf16 student,
     # FSDP shards, a bf16 teacher) one by one, so that a cast never copies the whole model at once
-    ts, ss = [], []
-    for name, t in t_params.items():
+    ts, ss, seeds = [], [], {}
+    for i, (name, t) in enumerate(t_params.items()):
         s = s_params[name].detach()
         if t.dtype == torch.bfloat16 and not isinstance(t, DTensor):
-            t.copy_(round_stochastically(t.float().lerp_(s.to(device=t.device, dtype=torch.float32), rate), generator))
+            if t.device not in seeds:  # one seed per parameter, made on the device at once (no copy per tensor)
+                seeds[t.device] = torch.arange(len(t_params), device=t.device).mul_(0x9E3779B1).add_(seed)
+            fused = compiled if compiled is not None else t.is_cuda
+            (_compiled_ema_bf16() if fused else _ema_bf16_)(t, s.to(t.device), rate, seeds[t.device][i])
         elif t.dtype == s.dtype and t.device == s.device and not isinstance(t, DTensor) and not isinstance(s, DTensor):
             ts.append(t)
             ss.append(s)

@@ -213,17 +213,16 @@ def optimizer_step(cfg: OPDConfig, run: Run, teacher: nn.Module) -> tuple[float,
     if applied and cfg.teacher == "ema":
         if run.dist.fsdp:
             reshard(teacher)  # its forward leaves the root and the head gathered
-        ema_update_(unwrap(teacher), run.fp32_parameters(), cfg.ema_rate, rounding_generator(cfg, run))
+        ema_update_(unwrap(teacher), run.fp32_parameters(), cfg.ema_rate, rounding_seed(cfg, run))
     return norm, applied
 
 
-def rounding_generator(cfg: OPDConfig, run: Run) -> torch.Generator | None:
-    """The random bits of a bf16 teacher's stochastic rounding (train/ema.py): seeded by the run's
-    seed and the number of updates applied so far (the scheduler's count, which a checkpoint
-    restores), so that a resumed run rounds as the uninterrupted one did."""
-    if cfg.teacher_dtype != "bfloat16":
-        return None
-    return torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + run.scheduler.last_epoch)
+def rounding_seed(cfg: OPDConfig, run: Run) -> int:
+    """The seed of a bf16 teacher's stochastic rounding (train/ema.py): from the run's seed and the
+    number of updates applied so far (the scheduler's count, which a checkpoint restores), so that
+    a resumed run rounds as the uninterrupted one did; scrambled, so that consecutive updates do
+    not draw neighbouring streams."""
+    return ((cfg.seed * 1_000_003 + run.scheduler.last_epoch) * 0x85EBCA6B) & (2**47 - 1)
 
 
 def opd_step(
