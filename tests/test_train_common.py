@@ -157,6 +157,30 @@ def test_bf16_ema_compiled_is_the_eager_update(device) -> None:
     assert not torch.equal(eager[0].weight, before)
 
 
+def test_bf16_ema_falls_back_to_eager_where_torch_compile_fails(monkeypatch) -> None:
+    """No compiler for the GPU (no Triton, say): one warning, then the eager update, same bits."""
+    from zoomless.train import ema
+
+    def no_triton():
+        def fail(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(fail, RuntimeError("no working triton"), None)
+        return fail
+
+    monkeypatch.setattr(ema, "_compiled_ema_bf16", no_triton)
+    monkeypatch.setattr(ema, "_NO_COMPILER", [])
+    torch.manual_seed(0)
+    student = torch.nn.Linear(8, 8)
+    eager, fallback = (make_teacher(student, "ema", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        student.weight.add_(0.01)
+    ema_update_(eager, student, 0.05, seed=3, compiled=False)
+    with pytest.warns(UserWarning, match="runs eagerly") as warned:
+        ema_update_(fallback, student, 0.05, seed=3, compiled=True)
+    assert len(warned) == 1  # once, not per tensor
+    assert torch.equal(eager.weight, fallback.weight) and torch.equal(eager.bias, fallback.bias)
+    assert "triton" in ema._NO_COMPILER[0]
+
+
 def test_vision_token_responses_are_dropped_and_counted() -> None:
     gens = [
         [Generation("a", [5, 6, 2]), Generation("b", [5, 151, 2])],

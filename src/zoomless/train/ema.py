@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Literal, Mapping
 
 import torch
@@ -85,6 +86,22 @@ def _compiled_ema_bf16():
     return torch.compile(_ema_bf16_, dynamic=True)
 
 
+_NO_COMPILER: list[str] = []  # why torch.compile failed here, once it has
+
+
+def _update_bf16_(t: torch.Tensor, s: torch.Tensor, rate: float, seed: torch.Tensor, compiled: bool) -> None:
+    """`_ema_bf16_`, compiled when asked and possible: where torch.compile cannot build it (no
+    Triton for this GPU, say), the eager update from then on, which draws the same bits."""
+    if compiled and not _NO_COMPILER:
+        try:
+            return _compiled_ema_bf16()(t, s, rate, seed)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # fails before it writes anything
+            _NO_COMPILER.append(str(e))
+            warnings.warn(f"the bf16 EMA teacher's update runs eagerly (slower): torch.compile failed: {e}",
+                          stacklevel=2)
+    _ema_bf16_(t, s, rate, seed)
+
+
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tensor], rate: float,
                 seed: int = 0, compiled: bool | None = None) -> None:
@@ -113,8 +130,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tens
         if t.dtype == torch.bfloat16 and not isinstance(t, DTensor):
             if t.device not in seeds:  # one seed per parameter, made on the device at once (no copy per tensor)
                 seeds[t.device] = torch.arange(len(t_params), device=t.device).mul_(0x9E3779B1).add_(seed)
-            fused = compiled if compiled is not None else t.is_cuda
-            (_compiled_ema_bf16() if fused else _ema_bf16_)(t, s.to(t.device), rate, seeds[t.device][i])
+            _update_bf16_(t, s.to(t.device), rate, seeds[t.device][i], compiled if compiled is not None else t.is_cuda)
         elif t.dtype == s.dtype and t.device == s.device and not isinstance(t, DTensor) and not isinstance(s, DTensor):
             ts.append(t)
             ss.append(s)
