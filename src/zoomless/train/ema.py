@@ -131,7 +131,10 @@ def ema_update_(teacher: nn.Module, student: nn.Module | Mapping[str, torch.Tens
         if t.dtype == torch.bfloat16 and not isinstance(t, DTensor):
             if t.device not in seeds:  # one seed per parameter, made on the device at once (no copy per tensor)
                 seeds[t.device] = torch.arange(len(t_params), device=t.device).mul_(0x9E3779B1).add_(seed)
-            _update_bf16_(t, s.to(t.device), rate, seeds[t.device][i], compiled if compiled is not None else t.is_cuda)
+            # flat (parameters are contiguous): one compiled graph for every shape; by rank, the 3B's
+            # 1- to 5-dimensional weights passed dynamo's limit of 8 graphs (H100, 2026-12-07)
+            _update_bf16_(t.view(-1), s.to(t.device).reshape(-1), rate, seeds[t.device][i],
+                          compiled if compiled is not None else t.is_cuda)
         elif t.dtype == s.dtype and t.device == s.device and not isinstance(t, DTensor) and not isinstance(s, DTensor):
             ts.append(t)
             ss.append(s)
