@@ -113,3 +113,18 @@ def test_data_workers_give_the_same_run(assets, tmp_path) -> None:
     m2, _ = load_vlm(pooled, dtype=torch.float32, device="cpu")
     for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), n1
+
+
+def test_compiled_blocks_and_vision_tower_train_as_eager(assets, tmp_path) -> None:
+    """`compile_blocks` with `compile_vision_tower` (the tower one compiled region) trains the same
+    run as eager, to the rounding of inductor's kernels; the tower flag alone is refused."""
+    eager = train_sft(_cfg(assets, tmp_path / "eager", max_steps=2))
+    compiled = train_sft(_cfg(assets, tmp_path / "compiled", max_steps=2, compile_blocks=True,
+                              compile_vision_tower=True))
+    a, b = _metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-3 * max(1.0, abs(x["loss"])), (x["loss"], y["loss"])
+    assert eager.is_dir() and compiled.is_dir()
+    with pytest.raises(ValueError, match="set compile_blocks: true too"):
+        _cfg(assets, tmp_path / "x", compile_vision_tower=True)

@@ -773,7 +773,7 @@ def start_run(cfg: Any) -> Run:
     if cfg.compile_blocks:
         from zoomless.models.compiled import compile_blocks
 
-        compile_blocks(model)
+        compile_blocks(model, vision_tower=cfg.compile_vision_tower)
     model.requires_grad_(True)
     model.train()
     master = MasterWeights(model) if cfg.bf16_weights else None  # the model becomes bf16, the masters fp32

@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     checkpoint_vision: bool = True
     # torch.compile each decoder layer and vision block whole (models/compiled.py; docs/PERFORMANCE.md)
     compile_blocks: bool = False
+    # with compile_blocks, the vision tower's whole forward as one compiled region instead of block by
+    # block: one guard check and wrapper per forward (3B GRPO on an H100: 0.668 -> 0.643 s a step)
+    compile_vision_tower: bool = False
     # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
     # of a bf16 model at the memory of fp32 weights; bf16 compute even on CPU; one process only
     bf16_weights: bool = False
@@ -79,6 +82,9 @@ class TrainConfig(BaseModel):
         if not self.checkpoint_vision and not self.gradient_checkpointing:
             raise ValueError("checkpoint_vision: false keeps the vision blocks out of gradient_checkpointing: "
                              "set gradient_checkpointing: true too")
+        if self.compile_vision_tower and not self.compile_blocks:
+            raise ValueError("compile_vision_tower changes how compile_blocks compiles the vision tower: "
+                             "set compile_blocks: true too")
         return self
 
     @field_validator("data", mode="before")

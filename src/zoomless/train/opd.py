@@ -202,7 +202,7 @@ def setup_teacher(cfg: OPDConfig, run: Run) -> tuple[nn.Module, dict[str, nn.Mod
     if cfg.compile_blocks:  # a deep copy's compiled parts run eagerly (nn.Module.compile is not copied)
         from zoomless.models.compiled import compile_blocks
 
-        compile_blocks(teacher)
+        compile_blocks(teacher, vision_tower=cfg.compile_vision_tower)
     return teacher, {"teacher": teacher}
 
 
