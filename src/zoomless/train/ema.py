@@ -4,11 +4,11 @@ The EMA weights stay in fp32 by default (spec 3): with a small learning rate, 0.
 teacher) is far below bf16 resolution, so a bf16 EMA rounded to nearest would never move. Forwards
 may still run under bf16 autocast. Only parameters are averaged; buffers are copied as they are.
 
-`teacher_dtype: bfloat16` halves the copy (7.5 GB instead of 15 GB at 3.75B parameters: by the
-arithmetic, what lets the Vision-OPD recipe with `bf16_weights` fit one 80 GB GPU at the 3B shape;
-not yet measured) and rounds each EMA update
-*stochastically*: up with the probability of the discarded fraction, so that the expected teacher
-is the fp32 EMA and small moves accumulate instead of vanishing. The price is noise around the fp32
+`teacher_dtype: bfloat16` halves the copy (7.5 GB instead of 15 GB at 3.75B parameters: the
+Vision-OPD recipe with `bf16_weights` then fits one 80 GB H100 at the 3B shape, peak 72-75 GiB,
+docs/PERFORMANCE.md) and rounds each EMA update *stochastically*: up with the probability of the
+discarded fraction, so that the expected teacher is the fp32 EMA and small moves accumulate instead
+of vanishing. The price is noise around the fp32
 EMA: 0.75 bf16 steps RMS under a steady drift of lr-sized updates, where an EMA rounded to nearest
 falls 4.7 steps behind and keeps falling (tests/test_train_common.py). A bf16 student's own
 weights are rounded to nearest, 0.29 steps RMS. The random bits are a hash of each element's index
