@@ -52,7 +52,9 @@ happen, in order).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
 import sys
 import time
@@ -93,40 +95,88 @@ def suspects(cuda: bool) -> dict[str, int]:
             "graphs_compiled": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
 
 
+class GcLog:
+    """Python's garbage collections as they happen (gc.callbacks): generation and seconds each."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, float]] = []
+        self._start = 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.events.append((info["generation"], time.perf_counter() - self._start))
+
+    def seconds(self) -> dict[int, float]:
+        """Seconds spent collecting, by generation, since `events` was cleared."""
+        out: dict[int, float] = {}
+        for g, t in self.events:
+            out[g] = out.get(g, 0.0) + t
+        return out
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on)
+
+
 def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, Any]:
     """Median seconds of `steps` steps after `warmup`, the mean seconds per phase (the recipes'
     Timer: phases are host-side and approximate, the step time is synchronised) and peak memory.
-    Python's garbage collector runs between the steps, as in `train_loop` (its time is counted)."""
+    Python's garbage collector runs between the steps, as in `train_loop` (its time is counted).
+    PERF_GC=per-step in the environment: as before 2026-12-08, the collector switched back on
+    between steps (then a full collection could start right after a step)."""
     from zoomless.train.common import CollectBetweenSteps, Timer
 
-    collector = CollectBetweenSteps()
-    for i in range(warmup):
-        with collector:
-            step(Timer())
-        collector.after_step(i + 1)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    seconds, phases, pauses = [], {}, []
-    for i in range(steps):
-        timer = Timer()
-        sync(cuda)
-        before = suspects(cuda)
-        t0 = time.perf_counter()
-        with collector:
-            step(timer)
-        sync(cuda)
-        collector.after_step(warmup + i + 1)
-        seconds.append(time.perf_counter() - t0)
-        pauses.append({k: v - before[k] for k, v in suspects(cuda).items()})
-        for k, v in timer.seconds.items():
-            phases[k] = phases.get(k, 0.0) + v / steps
+    per_step = os.environ.get("PERF_GC") == "per-step"
+    collections = GcLog()
+    with contextlib.ExitStack() as stack:
+        collector = CollectBetweenSteps()
+        if not per_step:
+            stack.enter_context(collector)
+
+        def one(timer: Any, n: int) -> None:
+            if per_step:
+                gc.disable()
+                try:
+                    step(timer)
+                finally:
+                    gc.enable()
+                sync(cuda)
+                gc.collect(1)
+            else:
+                step(timer)
+                sync(cuda)
+                collector.after_step(n)
+
+        for i in range(warmup):
+            one(Timer(), i + 1)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds, phases, pauses, step_phases = [], {}, [], []
+        for i in range(steps):
+            timer = Timer()
+            sync(cuda)
+            before = suspects(cuda)
+            collections.events.clear()
+            t0 = time.perf_counter()
+            one(timer, warmup + i + 1)
+            seconds.append(time.perf_counter() - t0)
+            pauses.append({k: v - before[k] for k, v in suspects(cuda).items()})
+            step_phases.append({k: round(v, 4) for k, v in timer.seconds.items()}
+                               | {f"gc{g}": round(t, 4) for g, t in collections.seconds().items()})
+            for k, v in timer.seconds.items():
+                phases[k] = phases.get(k, 0.0) + v / steps
+    collections.close()
     return {
         "seconds_per_step": statistics.median(seconds),
         "seconds_per_step_mean": statistics.fmean(seconds),  # a rare pause moves the mean, not the median
         "step_seconds": seconds,
         "step_suspects": pauses,  # per step: what could explain a slow one (see `suspects`)
+        "step_phases_s": step_phases,  # per step: where a slow one spent its time (host side; gcN: collections)
         "phases_s": phases,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "gc": "per-step" if per_step else "loop",
     }
 
 

@@ -17,6 +17,8 @@
 # VARIANTS_EXPSEG (empty: none) runs those variants at A's shape once more with
 #   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (perf1-expseg): the caching allocator's retries
 #   near a full GPU are a suspect for the occasional slow step.
+# VARIANTS_ALT (empty: none) runs those variants at A's shape once more with the environment
+#   ALT_ENV (such as TORCHINDUCTOR_QUIESCE_ASYNC_COMPILE_POOL=0) (perf1-alt).
 # First, the GPU branches of the tests a CPU skips (-k cuda: the flash kernels fast_vision calls
 #   itself, the bf16 EMA teacher's compiled update), into perf-gputests/ (GPUTESTS=0: not run).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
@@ -36,6 +38,8 @@ BASE=${BASE:-}  # a baseline tree (see above); empty: none
 VARIANTS_BASE=${VARIANTS_BASE:-opd-master-compiled,grpo-master-compiled}
 VARIANTS4B_BASE=${VARIANTS4B_BASE:-grpo-master-compiled}
 VARIANTS_EXPSEG=${VARIANTS_EXPSEG:-}
+VARIANTS_ALT=${VARIANTS_ALT:-}
+ALT_ENV=${ALT_ENV:-}
 GPUTESTS=${GPUTESTS:-1}
 STEPS=${STEPS:-4}  # timed steps per variant (2-step medians moved by 10-40% with variant order)
 RES=/tmp/zl-perf-results  # the runs write here; $OUT gets only perf.tar
@@ -65,6 +69,9 @@ perf . perf1 --variants "$VARIANTS" --time-budget $((TOTAL * 2 / 5 - SECONDS / 2
 if [ -n "$VARIANTS_EXPSEG" ]; then
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True perf . perf1-expseg --variants "$VARIANTS_EXPSEG" --no-profile \
     --time-budget $((TOTAL / 5))
+fi
+if [ -n "$VARIANTS_ALT" ]; then
+  (export $ALT_ENV && perf . perf1-alt --variants "$VARIANTS_ALT" --no-profile --time-budget $((TOTAL / 5)))
 fi
 left=$((TOTAL - SECONDS))
 if [ "$SHAPE4B" = 1 ] && [ "$left" -gt 90 ]; then

@@ -297,28 +297,49 @@ def test_garbage_is_collected_between_steps_not_inside_them(monkeypatch) -> None
     class Node:
         pass
 
-    collector = CollectBetweenSteps(full_every=3)
-    assert gc.isenabled()
-    with collector:
-        assert not gc.isenabled()  # no automatic collection inside a step
+    def cycle() -> weakref.ref:
         node = Node()
         node.self = node  # a reference cycle: only the cyclic collector frees it
-        alive = weakref.ref(node)
-        del node
-        garbage = [[i] for i in range(5000)]  # allocations enough to start collections, were they on
-        del garbage
-        assert alive() is not None
-    assert gc.isenabled()  # restored
-    collector.after_step(1)
-    assert alive() is None  # the young generations, collected between steps
-    generations = []
-    monkeypatch.setattr(gc, "collect", lambda generation=2: generations.append(generation) or 0)
-    for step in (1, 2, 3, 4):
-        collector.after_step(step)
-    assert generations == [1, 1, 2, 1]  # everything every `full_every` steps
+        return weakref.ref(node)
+
+    started: list[int] = []
+    record = lambda phase, info: phase == "start" and started.append(info["generation"])  # noqa: E731
+    gc.callbacks.append(record)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    try:
+        with CollectBetweenSteps(full_every=3) as collector:
+            assert not gc.isenabled()  # no automatic collection inside a step
+            alive = cycle()
+            garbage = [[i] for i in range(5000)]  # allocations enough to start collections, were they on
+            del garbage
+            assert alive() is not None and started == []
+            collector.after_step(1)
+            assert alive() is None  # collected between steps
+            assert gc.get_freeze_count() > 0  # what survived the first step is frozen, off later full collections
+            # the slow step of the H100 runs: many young collections, then many new long-lived objects
+            # (a compile); with the collector switched on between steps, the next allocation started a
+            # full collection. Here it stays off between steps too.
+            for step in range(2, 14):
+                collector.after_step(step)
+                assert not gc.isenabled()
+            long_lived = [[i] for i in range(50_000)]
+            started.clear()
+            more = [[i] for i in range(5000)]
+            assert started == []
+            del long_lived, more
+            generations = []
+            monkeypatch.setattr(gc, "collect", lambda generation=2: generations.append(generation) or 0)
+            for step in (14, 15, 16, 17):
+                collector.after_step(step)
+            monkeypatch.undo()
+            assert generations == [1, 2, 1, 1]  # everything every `full_every` steps, the young ones else
+        assert gc.isenabled() and gc.get_freeze_count() == 0  # restored, unfrozen
+    finally:
+        gc.callbacks.remove(record)
+        gc.unfreeze()
     gc.disable()
     try:
-        with collector:
+        with CollectBetweenSteps():
             pass
         assert not gc.isenabled()  # a collector switched off before stays off
     finally:

@@ -806,28 +806,46 @@ StepFn = Callable[[int, Timer], dict[str, float]]
 
 
 class CollectBetweenSteps:
-    """Python's cyclic garbage collector run between training steps instead of inside them.
+    """Python's cyclic garbage collector, run between training steps instead of inside them, and
+    kept off everything built before the loop.
 
     A run holds about half a million Python objects (transformers, torch, compiled graphs): a full
-    collection of them took 225 ms on this project's CPU machine, where Python starts one every
-    few steps, at whatever point of a step the allocation counts cross its threshold. Inside a step
-    the GPU, whose launch queue the host keeps only a few milliseconds ahead, idles that long.
-    Here automatic collection is off within the block; `after_step` collects the young generations
-    (a few ms) and, every `full_every` steps, everything (torchtitan does the same)."""
+    collection of them took 225 ms on this project's CPU machine and about 0.4 s on the H100's host.
+    Left on, Python starts one every few steps at whatever point the allocation counts cross its
+    threshold; inside a step the GPU, whose launch queue the host keeps only a few milliseconds
+    ahead, idles that long. So the collector is off for the whole `with` block (the loop): switched
+    back on between steps, the first allocation after a step started a full collection whenever ten
+    young collections had passed since the last one and many objects had arrived since (after the
+    first step compiled), which was the one slow step in eight measured on the H100 (2026-12-07).
+    `after_step` collects the young generations (about a millisecond); the first call collects
+    everything and freezes what survives (gc.freeze: the model, the compiled graphs), so that the
+    full collection every `full_every` steps (as torchtitan does) skips those. Leaving the block
+    switches automatic collection back on (if it was) and unfreezes what it froze."""
 
     def __init__(self, full_every: int = 100) -> None:
         self.full_every = full_every
         self.was_enabled = gc.isenabled()
+        self.froze = False  # this block froze the survivors of its first step
+        self.steps = 0
 
     def __enter__(self) -> "CollectBetweenSteps":
         self.was_enabled = gc.isenabled()
+        self.froze, self.steps = False, 0
         gc.disable()
         return self
 
     def after_step(self, step: int) -> None:
-        gc.collect(2 if step % self.full_every == 0 else 1)
+        self.steps += 1
+        if self.steps == 1 and gc.get_freeze_count() == 0:  # another's freeze is left as it is
+            gc.collect()
+            gc.freeze()
+            self.froze = True
+        else:
+            gc.collect(2 if step % self.full_every == 0 else 1)
 
     def __exit__(self, *exc: Any) -> None:
+        if self.froze:
+            gc.unfreeze()  # collectable again once the run is over
         if self.was_enabled:
             gc.enable()
 
@@ -840,23 +858,22 @@ def train_loop(cfg: Any, run: Run, step_fn: StepFn, show: Sequence[str], extra_m
         cfg.out_dir, cfg.max_steps, run.start_step, cfg.tensorboard, cfg.progress, show=show, enabled=run.dist.is_main
     )
     final = None
-    collector = CollectBetweenSteps()
     try:
-        for step in range(run.start_step + 1, cfg.max_steps + 1):
-            timer = Timer()
-            with collector:
+        with CollectBetweenSteps() as collector:
+            for step in range(run.start_step + 1, cfg.max_steps + 1):
+                timer = Timer()
                 metrics = step_fn(step, timer)
-            collector.after_step(step)
-            metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
-            screen = getattr(run.data, "screen", None)
-            if screen is not None:  # samples skipped so far (on_bad_sample: skip)
-                metrics["bad_samples"] = float(len(screen.bad))
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logger.log(step, metrics)
-            else:
-                logger.advance(step)
-            if should_save(step, cfg.max_steps, cfg.save_every):
-                final = save_checkpoint(run, cfg.out_dir, step, extra_models)
+                collector.after_step(step)
+                metrics.update({f"seconds/{k}": v for k, v in timer.seconds.items()})
+                screen = getattr(run.data, "screen", None)
+                if screen is not None:  # samples skipped so far (on_bad_sample: skip)
+                    metrics["bad_samples"] = float(len(screen.bad))
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    logger.log(step, metrics)
+                else:
+                    logger.advance(step)
+                if should_save(step, cfg.max_steps, cfg.save_every):
+                    final = save_checkpoint(run, cfg.out_dir, step, extra_models)
     finally:
         run.prefetch.close()  # the worker thread; a batch prepared beyond the last step is dropped
         logger.close()

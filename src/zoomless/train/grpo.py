@@ -229,7 +229,8 @@ def grpo_step(
     teacher: nn.Module | None = None,
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
-    indices = run.data.next_batch()
+    with timer("data"):  # a sample's first draw probes it (train/screening.py)
+        indices = run.data.next_batch()
     batch = [run.samples[i] for i in indices]
     teacher_view = cfg.teacher_view if cfg.objective == "hybrid" else None
     # the views, rendered and encoded (ready when the last step prepared them in the background),
@@ -293,8 +294,9 @@ def grpo_step(
             skipped += not applied
         passes.append(sums)
     # the loss and divergence as sampled (first pass); clipping where it acts (last pass)
-    first = run.dist.sum(read_values(passes[0]))
-    last = first if len(passes) == 1 else run.dist.sum(read_values(passes[-1]))
+    with timer("sync"):  # the host waits here for the GPU work it queued ahead
+        first = run.dist.sum(read_values(passes[0]))
+        last = first if len(passes) == 1 else run.dist.sum(read_values(passes[-1]))
     total = counts["tokens"]
     metrics["pg_loss"] = first["pg_sum"] / total
     for k in PPO_STATS:  # where clipping acts: the last pass

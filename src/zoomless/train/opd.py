@@ -228,8 +228,9 @@ def rounding_seed(cfg: OPDConfig, run: Run) -> int:
 def opd_step(
     cfg: OPDConfig, run: Run, teacher: nn.Module, engine: Engine, banned_ids: list[int], step: int, timer: Timer
 ) -> dict[str, float]:
-    run.prefetch.wait()  # the batch prepared during the last step vouches for its samples: not probed again
-    indices = run.data.next_batch()
+    with timer("data"):  # the batch prepared during the last step vouches for its samples: not probed again
+        run.prefetch.wait()
+        indices = run.data.next_batch()
     # the views, rendered and encoded (ready when the last step prepared them in the background),
     # and the next batch's started now, before this step queues the GPU work they overlap
     with timer("prompts"):
@@ -272,7 +273,8 @@ def opd_step(
         sums.update({f"{update}/{k}": v for k, v in totals.items()})
         norms.append(norm)
         skipped += not applied
-    sums = run.dist.sum(read_values(sums))
+    with timer("sync"):  # the host waits here for the GPU work it queued ahead
+        sums = run.dist.sum(read_values(sums))
     last = cfg.updates_per_batch - 1
     # the divergence and agreement as sampled (first update); IS weights where they act (last update)
     metrics["jsd"] = sums["0/jsd_sum"] / total
