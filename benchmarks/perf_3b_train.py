@@ -124,7 +124,7 @@ def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, A
     """Median seconds of `steps` steps after `warmup`, the mean seconds per phase (the recipes'
     Timer: phases are host-side and approximate, the step time is synchronised) and peak memory.
     Python's garbage collector runs between the steps, as in `train_loop` (its time is counted).
-    PERF_GC=per-step in the environment: as before 2026-12-08, the collector switched back on
+    PERF_GC=per-step in the environment: as before session 18 (2026-12-07), the collector switched back on
     between steps (then a full collection could start right after a step)."""
     from zoomless.train.common import CollectBetweenSteps, Timer
 
