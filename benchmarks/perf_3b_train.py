@@ -58,6 +58,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -184,9 +185,12 @@ def guarded(run: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`fn()`, or {"error": "out of memory"} when the GPU runs out (the run goes on)."""
     try:
         return fn()
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as e:
+        where = traceback.extract_tb(e.__traceback__)[-3:]  # the frames that asked for the memory
+        held = torch.cuda.memory_allocated() / 2**30
         free_memory(run)
-        return {"error": "out of memory"}
+        return {"error": "out of memory", "where": [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in where],
+                "allocated_gib_at_error": held}
 
 
 # ----------------------------------------------------------------------------- model and optimizer switches
@@ -493,13 +497,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         if not wanted(name):
             return
         print(f"[train] {name} ...", flush=True)
+        free_memory(run)  # what the last variant left in reference cycles (the collector is off while measuring)
         m = guarded(run, lambda: measure(step, **timing))
         r = variant_result(name, m, run.model.config, seqs, teacher=teacher, vision_trained=vision, checkpointing=gc_on,
                            micro=micro, shared_images=shared, peak_flops=peak_flops, what=what,
                            checkpoint_vision=gc_vision)
         mfu = "" if r.get("mfu") is None else f", MFU {r['mfu']:.1%}"
         peak = "" if r.get("peak_memory_gib") is None else f", peak {r['peak_memory_gib']:.1f} GiB"
-        print(f"[train] {name}: " + (r["error"] if "error" in r else
+        print(f"[train] {name}: " + (f"{r['error']} at {r.get('where')}, {r.get('allocated_gib_at_error', 0):.1f} GiB allocated" if "error" in r else
               f"{r['seconds_per_step']:.3f} s/step, {r['sequence_tokens_per_s']:.0f} seq tok/s{mfu}{peak}"), flush=True)
         results["variants"].append(r)
         save(results)

@@ -806,46 +806,34 @@ StepFn = Callable[[int, Timer], dict[str, float]]
 
 
 class CollectBetweenSteps:
-    """Python's cyclic garbage collector, run between training steps instead of inside them, and
-    kept off everything built before the loop.
+    """Python's cyclic garbage collector, run between training steps instead of inside them.
 
     A run holds about half a million Python objects (transformers, torch, compiled graphs): a full
-    collection of them took 225 ms on this project's CPU machine and about 0.4 s on the H100's host.
-    Left on, Python starts one every few steps at whatever point the allocation counts cross its
-    threshold; inside a step the GPU, whose launch queue the host keeps only a few milliseconds
-    ahead, idles that long. So the collector is off for the whole `with` block (the loop): switched
-    back on between steps, the first allocation after a step started a full collection whenever ten
-    young collections had passed since the last one and many objects had arrived since (after the
-    first step compiled), which was the one slow step in eight measured on the H100 (2026-12-07).
-    `after_step` collects the young generations (about a millisecond); the first call collects
-    everything and freezes what survives (gc.freeze: the model, the compiled graphs), so that the
-    full collection every `full_every` steps (as torchtitan does) skips those. Leaving the block
-    switches automatic collection back on (if it was) and unfreezes what it froze."""
+    collection of them took 0.3 s on this project's CPU machine and 0.47 s on the H100's host.
+    Left on, Python starts one at whatever point the allocation counts cross its thresholds; inside
+    a step the GPU, whose launch queue the host keeps only a few milliseconds ahead, idles that
+    long. So the collector is off for the whole `with` block (the loop). Switched back on between
+    steps, as it was until 2026-12-07, it still started one after a step: once ten young
+    collections had passed and a compile had added many objects, the next allocation began a full
+    collection (the one slow step in eight measured on the H100). `after_step` collects the young
+    generations (under a millisecond) and, every `full_every` steps, everything (as torchtitan
+    does). Nothing is frozen (`gc.freeze`, which would make those full collections cheap): an
+    object alive at the freeze that later dies in a reference cycle, such as a replaced KV cache,
+    would hold its GPU memory until the run ends."""
 
     def __init__(self, full_every: int = 100) -> None:
         self.full_every = full_every
         self.was_enabled = gc.isenabled()
-        self.froze = False  # this block froze the survivors of its first step
-        self.steps = 0
 
     def __enter__(self) -> "CollectBetweenSteps":
         self.was_enabled = gc.isenabled()
-        self.froze, self.steps = False, 0
         gc.disable()
         return self
 
     def after_step(self, step: int) -> None:
-        self.steps += 1
-        if self.steps == 1 and gc.get_freeze_count() == 0:  # another's freeze is left as it is
-            gc.collect()
-            gc.freeze()
-            self.froze = True
-        else:
-            gc.collect(2 if step % self.full_every == 0 else 1)
+        gc.collect(2 if step % self.full_every == 0 else 1)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.froze:
-            gc.unfreeze()  # collectable again once the run is over
         if self.was_enabled:
             gc.enable()
 
