@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -76,7 +77,8 @@ def device_info(a: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "device": "cpu", "peak_tflops": a.peak_tflops, "bandwidth_tbs": a.bandwidth_tbs}
+                            "device": "cpu", "peak_tflops": a.peak_tflops, "bandwidth_tbs": a.bandwidth_tbs,
+                            "host_cpu": host_cpu(), "probe_host_dispatch_us": dispatch_probe()}
     if not torch.cuda.is_available():
         return info
     name = torch.cuda.get_device_name()
@@ -86,6 +88,31 @@ def device_info(a: argparse.Namespace) -> dict[str, Any]:
     info.update(probe_matmul_tflops=matmul_probe(), probe_copy_tbs=copy_probe())
     torch.cuda.empty_cache()
     return info
+
+
+def host_cpu() -> str:
+    """The host's CPU model (/proc/cpuinfo), where the host can be what bounds a step."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def dispatch_probe(n: int = 20_000) -> float:
+    """Microseconds per small eager CPU op (Python, the dispatcher, autograd bookkeeping): the host
+    work a step repeats thousands of times. The compiled 3B step keeps its GPU busy about 70% of the
+    time, and two H100s ran it 10% apart (sessions 17-18), the faster one with the slower matmul
+    probe: the host is the suspect, which this probe and `host_cpu` record."""
+    x = torch.ones(4, requires_grad=True)
+    for _ in range(1000):
+        x.mul(1.0001)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.mul(1.0001)
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def matmul_probe(n: int = 8192) -> float:
@@ -359,7 +386,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# perf_3b: {results['shape']} ({results.get('family', 'qwen2_5_vl')}) on {d['device']}", "",
              f"torch {d['torch']}, transformers {d['transformers']}; peak {fmt(d.get('peak_tflops'))} TFLOP/s bf16, "
              f"{fmt(d.get('bandwidth_tbs'), '.2f')} TB/s; probes: matmul {fmt(d.get('probe_matmul_tflops'))} TFLOP/s, "
-             f"copy {fmt(d.get('probe_copy_tbs'), '.2f')} TB/s", ""]
+             f"copy {fmt(d.get('probe_copy_tbs'), '.2f')} TB/s; host {d.get('host_cpu', '-')}, "
+             f"{fmt(d.get('probe_host_dispatch_us'), '.1f')} us per small CPU op", ""]
     t = results.get("train")
     if t and "variants" in t:
         s = t["setup"]
