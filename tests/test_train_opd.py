@@ -1,5 +1,6 @@
 """Vision-OPD recipe on a tiny real model: the distillation signal, the EMA teacher, drops, exact resume."""
 
+import gc
 import json
 import threading
 from pathlib import Path
@@ -107,8 +108,8 @@ def test_ema_teacher_after_one_step_and_frozen_teacher(assets, tmp_path) -> None
         moved += not torch.equal(student[name], b)
     assert moved > 0
     m = _metrics(tmp_path / "ema")[0]
-    for key in ("jsd", "tokens", "dropped", "response_len", "grad_norm", "agreement", "seconds/rollout",
-                "seconds/student", "seconds/teacher", "seconds/step"):
+    for key in ("jsd", "tokens", "dropped", "response_len", "grad_norm", "agreement", "seconds/data",
+                "seconds/rollout", "seconds/student", "seconds/teacher", "seconds/step", "seconds/sync"):
         assert key in m, key
     assert m["tokens"] > 0 and m["rollouts"] == 4 and 0 <= m["agreement"] <= 1
 
@@ -257,7 +258,10 @@ class InjectVisionToken:
         self.bad = vision_token_ids(processor)[0]
         self.name = "inject"
 
+    collector_on: list[bool] = []  # gc.isenabled() at each call, inside the training loop
+
     def generate(self, conversations, params) -> list[list[Generation]]:
+        self.collector_on.append(gc.isenabled())
         out = self.inner.generate(conversations, params)
         g = out[0][0]
         out[0][0] = Generation(g.text, [self.bad] + g.token_ids, g.logprobs, g.finish_reason)
@@ -265,10 +269,14 @@ class InjectVisionToken:
 
 
 def test_responses_with_vision_tokens_are_dropped_and_counted(assets, tmp_path) -> None:
+    InjectVisionToken.collector_on.clear()
     train_opd(_cfg(assets, tmp_path / "drop", max_steps=2), make_engine=InjectVisionToken)
     for m in _metrics(tmp_path / "drop"):
         assert m["dropped_vision"] == 1 and m["dropped"] == 1 and m["rollouts"] == 4
         assert m["tokens"] > 0 and m["skipped"] == 0
+    # the cyclic garbage collector stays off through the loop's steps (train/common.CollectBetweenSteps)
+    # and is on again after it
+    assert InjectVisionToken.collector_on == [False, False] and gc.isenabled()
 
 
 def test_views_that_need_a_box_fail_before_training(assets) -> None:
