@@ -1,7 +1,9 @@
 """What a full garbage collection costs in a training process, with and without `gc.freeze`.
 
-`train/common.CollectBetweenSteps` keeps Python's collector off during the training loop and
-freezes what survives the first step (the model, its compiled graphs). This measures why: a model
+`train/common.CollectBetweenSteps` keeps Python's collector off during the training loop, and
+collects everything only every 100 steps, because a full collection is this costly. Freezing what
+survives the first step (the model, its compiled graphs) would make it nearly free; the class does
+not, for fear of a frozen object dying in a reference cycle with GPU memory. This measures both: a model
 of the Qwen2.5-VL-3B's depth (36 decoder layers, 32 vision blocks) at tiny widths, its blocks
 compiled (`compile_blocks`) and two forward+backward passes run, then a full collection timed as
 is and after `gc.freeze()`. The object count grows with the depth and the compiled graphs, not the
