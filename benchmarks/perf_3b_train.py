@@ -131,24 +131,15 @@ def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, A
 
     per_step = os.environ.get("PERF_GC") == "per-step"
     collections = GcLog()
-    with contextlib.ExitStack() as stack:
-        collector = CollectBetweenSteps()
-        if not per_step:
-            stack.enter_context(collector)
+    collector, nothing = CollectBetweenSteps(), contextlib.nullcontext()
+    around_loop, around_step = (nothing, collector) if per_step else (collector, nothing)
+    with around_loop:
 
         def one(timer: Any, n: int) -> None:
-            if per_step:
-                gc.disable()
-                try:
-                    step(timer)
-                finally:
-                    gc.enable()
-                sync(cuda)
-                gc.collect(1)
-            else:
+            with around_step:
                 step(timer)
-                sync(cuda)
-                collector.after_step(n)
+            sync(cuda)
+            collector.after_step(n)
 
         for i in range(warmup):
             one(Timer(), i + 1)

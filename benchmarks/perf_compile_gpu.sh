@@ -14,11 +14,9 @@
 #   rm -rf build/head && mkdir -p build/head && git archive HEAD benchmarks src | tar -x -C build/head)
 #   first runs VARIANTS_BASE of that tree at A's shape, and at B's shape VARIANTS4B_BASE: the
 #   baseline on the same machine (perf1-base, perf4b-base).
-# VARIANTS_EXPSEG (empty: none) runs those variants at A's shape once more with
-#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (perf1-expseg): the caching allocator's retries
-#   near a full GPU are a suspect for the occasional slow step.
 # VARIANTS_ALT (empty: none) runs those variants at A's shape once more with the environment
-#   ALT_ENV (such as TORCHINDUCTOR_QUIESCE_ASYNC_COMPILE_POOL=0) (perf1-alt).
+#   ALT_ENV (perf1-alt): PERF_GC=per-step (the old garbage collector),
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the caching allocator without its retries).
 # First, the GPU branches of the tests a CPU skips (-k cuda: the flash kernels fast_vision calls
 #   itself, the bf16 EMA teacher's compiled update), into perf-gputests/ (GPUTESTS=0: not run).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
@@ -37,7 +35,6 @@ VARIANTS4=${VARIANTS4:-opd-master,opd-master-compiled}  # the 4-prompt run's
 BASE=${BASE:-}  # a baseline tree (see above); empty: none
 VARIANTS_BASE=${VARIANTS_BASE:-opd-master-compiled,grpo-master-compiled}
 VARIANTS4B_BASE=${VARIANTS4B_BASE:-grpo-master-compiled}
-VARIANTS_EXPSEG=${VARIANTS_EXPSEG:-}
 VARIANTS_ALT=${VARIANTS_ALT:-}
 ALT_ENV=${ALT_ENV:-}
 GPUTESTS=${GPUTESTS:-1}
@@ -66,10 +63,6 @@ if [ -n "$BASE" ]; then
   perf "$BASE" perf1-base --variants "$VARIANTS_BASE" --no-profile --time-budget $((TOTAL / 5))
 fi
 perf . perf1 --variants "$VARIANTS" --time-budget $((TOTAL * 2 / 5 - SECONDS / 2))
-if [ -n "$VARIANTS_EXPSEG" ]; then
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True perf . perf1-expseg --variants "$VARIANTS_EXPSEG" --no-profile \
-    --time-budget $((TOTAL / 5))
-fi
 if [ -n "$VARIANTS_ALT" ]; then
   (export $ALT_ENV && perf . perf1-alt --variants "$VARIANTS_ALT" --no-profile --time-budget $((TOTAL / 5)))
 fi
