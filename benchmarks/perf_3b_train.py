@@ -25,6 +25,8 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                                       the vision blocks keep their activations (`checkpoint_vision: false`)
     opd-master-compiled-tower, grpo-master-compiled-tower   as the -vkeep ones, the vision tower compiled as
                                       one region (`compile_blocks(..., vision_tower=True)`)
+    opd-master-compiled-tower-keep, grpo-master-compiled-tower-keep   as the -tower ones, the last
+                                      `--uncheckpointed` decoder layers not checkpointed (halved on OOM)
     opd-master-compiled-ema16, opd-master-compiled-vkeep-ema16   as opd-master-compiled and its -vkeep, with
                                       the recipe's EMA teacher as a bf16 copy (`teacher_dtype: bfloat16`:
                                       7.5 GB at 3B; the fp32 copy's 15 GB do not fit 80 GB)
@@ -574,18 +576,24 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
                           ("grpo-master-compiled", grpo, "as grpo-master"),
                           ("opd-master-compiled-sync", opd_sync, "as opd-master, prefetch_prompts: false"),
                           ("grpo-master-compiled-sync", grpo_sync, "as grpo-master, prefetch_prompts: false"))
-        keep, layers = a.uncheckpointed, len(run.model.get_decoder().layers)
-        while keep and wanted("opd-master-compiled-keep"):  # halved on out-of-memory, as nogc's micro-batch
-            set_checkpointing(run.model, True, keep)
-            compiled_variants(("opd-master-compiled-keep", opd,
-                               f"as opd-master-compiled, the last {keep} decoder layers not checkpointed "
-                               f"(uncheckpointed_layers: {keep})"),
-                              gc_on=1 - min(keep / layers, 1.0))
-            set_checkpointing(run.model, True)
-            if "error" not in results["variants"][-1]:
-                break
-            results["variants"].pop()
-            keep //= 2
+        layers = len(run.model.get_decoder().layers)
+
+        def kept_layers(name: str, step: StepFn, like: str, vision: bool = True, tower: bool = False) -> None:
+            """`name`: the last `--uncheckpointed` decoder layers keep their activations
+            (`uncheckpointed_layers`), halved on out-of-memory as nogc's micro-batch."""
+            keep = a.uncheckpointed
+            while keep and wanted(name):
+                set_checkpointing(run.model, True, keep, vision=vision)
+                compiled_variants((name, step, f"{like}, the last {keep} decoder layers not checkpointed "
+                                               f"(uncheckpointed_layers: {keep})"),
+                                  gc_on=1 - min(keep / layers, 1.0), gc_vision=vision, vision_tower=tower)
+                set_checkpointing(run.model, True)
+                if "error" not in results["variants"][-1]:
+                    return
+                results["variants"].pop()
+                keep //= 2
+
+        kept_layers("opd-master-compiled-keep", opd, "as opd-master-compiled")
         # the vision blocks not checkpointed (checkpoint_vision: false), then the same with the tower in one region
         for suffix, tower, like in (("vkeep", False, "vision blocks not checkpointed (checkpoint_vision: false)"),
                                     ("tower", True, "vision blocks not checkpointed, the vision tower compiled as one "
@@ -597,6 +605,9 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
             compiled_variants((names[0], opd, f"as opd-master-compiled, {like}"),
                               (names[1], grpo, f"as grpo-master-compiled, {like}"), gc_vision=False, vision_tower=tower)
             set_checkpointing(run.model, True)
+        for recipe, step in (("opd", opd), ("grpo", grpo)):  # the tower in one region and fewer recomputed layers
+            kept_layers(f"{recipe}-master-compiled-tower-keep", step, f"as {recipe}-master-compiled-tower",
+                        vision=False, tower=True)
         # the recipe's EMA teacher, its copy in bf16 (teacher_dtype: bfloat16; the fp32 one does not fit 80 GB
         # at 3B): its forward on its own weights and its stochastically rounded update after each step
         ema16 = [n for n in ("opd-master-compiled-ema16", "opd-master-compiled-vkeep-ema16") if wanted(n)]
