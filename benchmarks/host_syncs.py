@@ -317,9 +317,6 @@ def build(a: argparse.Namespace, work: Path) -> tuple[Any, Any]:
         tensorboard=False, progress=False,
     )
     run = start_run(cfg)
-    if run.master:  # start_run gives the masters torch's fused AdamW on CUDA only: take the GPU's path here too
-        pt.use_fused_adamw(run)
-        pt.inner_optimizer(run).defaults["fused"] = True  # clip_and_step reads it (clip_inside_fused_step)
     engine = dc.FixedEngine(run.processor, a.response_len)
     banned, counter = vision_token_ids(run.processor), itertools.count(1)
     if a.recipe == "grpo":

@@ -229,7 +229,7 @@ def use_master_weights(run: Any, cfg: Any) -> Any:
     inner_optimizer(run).state.clear()
     old = run.optimizer
     run.master = MasterWeights(run.model)
-    run.optimizer = build_optimizer(run.master.masters, cfg.lr, cfg.weight_decay, fused=torch.cuda.is_available())
+    run.optimizer = build_optimizer(run.master.masters, cfg.lr, cfg.weight_decay, fused=True)  # as start_run
     run.dtype = torch.bfloat16  # as start_run sets it for bf16_weights (on the CPU too)
     return old
 

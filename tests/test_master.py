@@ -45,3 +45,70 @@ def test_gradients_accumulate_in_fp32_and_small_updates_survive() -> None:
     master.remove()
     model(xs[0]).float().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _model_and_batches(micro_batches: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16), nn.Linear(16, 4))
+    return model, [torch.randn(8, 16) for _ in range(micro_batches)]
+
+
+def _backward(model: nn.Module, xs: list[torch.Tensor]) -> None:
+    for x in xs:
+        model(x.to(next(model.parameters()).dtype)).float().pow(2).sum().backward()
+
+
+def test_one_micro_batch_holds_bf16_gradients_and_steps_a_chunk_at_a_time() -> None:
+    model, xs = _model_and_batches(1)
+    master = MasterWeights(model)
+    _backward(model, xs)
+    # nothing in fp32 at the end of the backward: each gradient held as autograd made it, in bf16
+    assert all(m.grad is None for m in master.masters)
+    held = master.grads()
+    assert len(held) == len(master.masters) and all(g.dtype == torch.bfloat16 for g in held)
+
+    seen = []
+    for run in master.in_chunks(3):
+        with_grad = [m for m in master.masters if m.grad is not None]
+        assert with_grad == run and all(m.grad.dtype == torch.float32 for m in run)  # only this run's, in fp32
+        seen += [id(m) for m in run]
+    assert sorted(seen) == sorted(id(m) for m in master.masters)  # every master once
+    assert all(m.grad is None for m in master.masters) and master.grads() == []  # all freed after
+
+
+def test_runs_are_about_equal_and_cover_every_master() -> None:
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])  # 16 tensors, 8 big and 8 small
+    master = MasterWeights(model)
+    runs = master._runs(4)
+    assert [i for r in runs for i in r] == list(range(len(master.masters)))
+    sizes = [sum(master.masters[i].numel() for i in r) for r in runs]
+    assert len(runs) == 4 and max(sizes) - min(sizes) <= 64 * 64 + 64
+
+
+def test_chunked_fused_step_is_the_one_step_update() -> None:
+    """The masters stepped in chunks from held bf16 gradients end where one fused AdamW step on
+    the same gradients cast to fp32 ends, bit for bit, over steps of one and of three micro-batches."""
+    from zoomless.train.common import build_optimizer, clip_inside_fused_step
+
+    for micro_batches in (1, 3):
+        model, xs = _model_and_batches(micro_batches)
+        master = MasterWeights(model)
+        reference = [nn.Parameter(m.detach().clone()) for m in master.masters]
+        opt_ours = build_optimizer(master.masters, lr=0.01, weight_decay=0.1, fused=True)
+        opt_ref = build_optimizer(reference, lr=0.01, weight_decay=0.1, fused=True)
+        for step in range(3):
+            grads = []
+            for x in xs:  # the bf16 gradients each micro-batch makes, summed in fp32 as the masters should
+                probe = [p.register_hook(lambda g, i=i: grads.append((i, g.clone()))) for i, p in enumerate(model.parameters())]
+                _backward(model, [x * (step + 1)])
+                for h in probe:
+                    h.remove()
+            for i, r in enumerate(reference):
+                r.grad = sum(g.float() for j, g in grads if j == i)
+            norm_ref = clip_inside_fused_step(opt_ref, [r.grad for r in reference], 1.0)
+            norm = clip_inside_fused_step(opt_ours, master.grads(), 1.0, master.in_chunks(3))
+            master.copy_to_model()
+            torch.testing.assert_close(norm, norm_ref, rtol=1e-6, atol=0)
+            for m, r in zip(master.masters, reference):
+                torch.testing.assert_close(m, r, rtol=0, atol=0)
+                assert float(opt_ours.state[m]["step"]) == step + 1  # each master stepped once per step

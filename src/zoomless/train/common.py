@@ -131,15 +131,18 @@ def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
 
     if run.dist.fsdp:
         reshard(run.policy)  # the optimizer updates the fp32 shards: no gathered copy may outlive them
-    params = run.master.masters if run.master else [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # inside accelerate's wrapper
     if run.master and optimizer.defaults.get("fused"):
         # the update and the copy to the bf16 weights are queued before the norm is read (a skipped
-        # update leaves the masters as they were: copying them changes nothing)
-        norm_t = clip_inside_fused_step(run.optimizer, params, grad_clip)
+        # update leaves the masters as they were: copying them changes nothing); the masters are
+        # stepped a chunk at a time, so that only a chunk's gradients exist in fp32 at once
+        norm_t = clip_inside_fused_step(run.optimizer, run.master.grads(), grad_clip, run.master.in_chunks())
         run.master.copy_to_model()
         norm = float(norm_t)
     else:
+        if run.master:
+            run.master.materialize()
+        params = run.master.masters if run.master else [p for p in run.policy.parameters() if p.requires_grad]
         norm_t = run.dist.accelerator.clip_grad_norm_(params, grad_clip)
         norm = float(norm_t.full_tensor() if isinstance(norm_t, DTensor) else norm_t)
         if math.isfinite(norm):
@@ -163,20 +166,26 @@ def read_values(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
     return {k: read_back[k] if k in read_back else float(v) for k, v in values.items()}
 
 
-def clip_inside_fused_step(optimizer: Any, params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Step a fused AdamW (`fused=True`, one process) on gradients clipped to `max_norm`, and return
-    their norm before clipping (a tensor: no wait for the GPU before the step is queued).
+def clip_inside_fused_step(
+    optimizer: Any, grads: Sequence[torch.Tensor], max_norm: float, chunks: Iterable[Any] = (None,)
+) -> torch.Tensor:
+    """Step a fused AdamW (`fused=True`, one process) on `grads` (its parameters' gradients)
+    clipped to `max_norm`, and return their norm before clipping (a tensor: no wait for the GPU
+    before the step is queued). `chunks`: the step runs once per item, each time on the parameters
+    whose gradients are set then (`MasterWeights.in_chunks`); by default once.
 
     The kernel divides each gradient by `grad_scale` and skips the update (step count included)
     where `found_inf` is set: the hooks GradScaler uses. Passing the clip coefficient's inverse
     there saves `clip_grad_norm_`'s pass over every gradient (11 ms of a 3B step) and its host sync
     on the norm: the same update as clipping first (tests/test_train_common.py)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # the norm in fp32 whatever the gradients' dtype (bf16 ones held by MasterWeights)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32)))
     inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s coefficient, inverted
     inner.found_inf = (~torch.isfinite(norm)).float()
     try:
-        optimizer.step()
+        for _ in chunks:
+            optimizer.step()
     finally:
         del inner.grad_scale, inner.found_inf
     return norm
@@ -778,8 +787,9 @@ def start_run(cfg: Any) -> Run:
     model.train()
     master = MasterWeights(model) if cfg.bf16_weights else None  # the model becomes bf16, the masters fp32
     # the masters are plain fp32 tensors of one process: the fused kernel is safe there (0.09 -> 0.05 s
-    # per 3B step, docs/PERFORMANCE.md); sharded and DDP weights keep the default foreach kernels
-    fused = master is not None and device.type == "cuda"
+    # per 3B step, docs/PERFORMANCE.md; torch has it for CPUs too); sharded and DDP weights keep the
+    # default foreach kernels
+    fused = master is not None
     optimizer = build_optimizer(master.masters if master else model.parameters(), cfg.lr, cfg.weight_decay, fused)
     # not handed to accelerate, which would step it once per process: the global batch, and so
     # the number of optimizer steps, are the single-process run's

@@ -5,9 +5,15 @@ checkpointed recompute), and AdamW reads and writes fp32 gradients of the model'
 `MasterWeights` keeps the model itself in bf16, so forwards and rollouts read bf16 weights as they
 are, and holds an fp32 copy of every trainable parameter that the optimizer updates:
 
-- each bf16 gradient is added into its master's fp32 gradient as soon as autograd has accumulated
-  it (a post-accumulate-grad hook), and the bf16 one is freed: micro-batches accumulate in fp32;
-- the optimizer steps the masters; `copy_to_model()` then rounds them into the bf16 weights;
+- each bf16 gradient is taken from its parameter as soon as autograd has accumulated it (a
+  post-accumulate-grad hook). The first micro-batch's is held as it is, in bf16; from the second
+  on they are added into the master's fp32 gradient: micro-batches accumulate in fp32;
+- the optimizer steps the masters in a few chunks (`in_chunks`), each chunk's held bf16 gradients
+  cast to fp32 just before its step and freed after it. A step of one micro-batch, the usual
+  on-policy step, so holds 2 bytes of gradient per parameter instead of 4 at the end of the
+  backward, where activations are still alive, and at most one chunk's fp32 gradients beside the
+  rest at the optimizer step: the same update, bit for bit (tests/test_master.py);
+- `copy_to_model()` then rounds the masters into the bf16 weights;
 - checkpoints, the EMA teacher and its first copy read the fp32 masters (`fp32_state_dict`), so
   an update of 1e-6, far below bf16 resolution, is never lost.
 
@@ -18,10 +24,12 @@ gathered in bf16 for compute, and DDP reduces the bf16 gradients itself: so one 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+
+CHUNKS = 4  # optimizer steps per training step: at most a quarter of the fp32 gradients exist at once
 
 
 class MasterWeights:
@@ -31,22 +39,65 @@ class MasterWeights:
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self.params]
-        self._master_of = {id(p): m for p, m in zip(self.params, self.masters)}
         with torch.no_grad():  # the same Parameter objects, now holding bf16 data; buffers keep their
             for p in model.parameters():  # dtype (`model.to` would round the rotary inv_freq to bf16)
                 p.data = p.data.to(dtype)
         # by storage, not by name: a tied LM head is one parameter under two state-dict keys (the
         # storages stay put: `copy_to_model` writes into them)
         self._master_at = {p.data_ptr(): m.detach() for p, m in zip(self.params, self.masters)}
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._held: dict[int, torch.Tensor] = {}  # index: a first micro-batch's bf16 gradient
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
 
     def _accumulate(self, p: torch.Tensor) -> None:
-        master = self._master_of[id(p)]
-        if master.grad is None:
-            master.grad = p.grad.to(torch.float32)
-        else:
+        i = self._index[id(p)]
+        master = self.masters[i]
+        if master.grad is not None:  # the third micro-batch on
             master.grad.add_(p.grad)
-        p.grad = None  # the bf16 gradient lives only until it is added
+        elif i in self._held:  # the second: both in fp32 from now on (adding in bf16 would round)
+            master.grad = self._held.pop(i).to(torch.float32).add_(p.grad)
+        else:  # the first: kept in bf16 until the optimizer needs it
+            self._held[i] = p.grad
+        p.grad = None  # autograd accumulates the next micro-batch into a fresh tensor
+
+    def grads(self) -> list[torch.Tensor]:
+        """Every gradient of this step, held bf16 or fp32 on the master (for the norm)."""
+        held = (self._held.get(i, m.grad) for i, m in enumerate(self.masters))
+        return [g for g in held if g is not None]
+
+    def materialize(self) -> None:
+        """Every held gradient onto its master in fp32 (for code that reads them all at once)."""
+        for i, held in self._held.items():
+            self.masters[i].grad = held.to(torch.float32)
+        self._held.clear()
+
+    def in_chunks(self, chunks: int = CHUNKS) -> Iterator[list[nn.Parameter]]:
+        """Yield the masters in `chunks` runs of about equal size, each time with only that run's
+        gradients set, in fp32 (the others None: a torch optimizer's `step()` skips parameters
+        without a gradient, so one step per yield steps every master once). A run's gradients
+        are made just before it is yielded and freed before the next run's are made."""
+        accumulated = {i: m.grad for i, m in enumerate(self.masters) if m.grad is not None}
+        for m in self.masters:
+            m.grad = None
+        for run in self._runs(chunks):
+            for i in run:
+                held = self._held.pop(i, None)
+                self.masters[i].grad = held.to(torch.float32) if held is not None else accumulated.pop(i, None)
+            yield [self.masters[i] for i in run]
+            for i in run:
+                self.masters[i].grad = None
+
+    def _runs(self, chunks: int) -> list[list[int]]:
+        """The masters' indices in order, cut into `chunks` runs of about equal numbers of elements."""
+        total = sum(m.numel() for m in self.masters)
+        runs: list[list[int]] = [[]]
+        size = 0
+        for i, m in enumerate(self.masters):
+            if size >= total * len(runs) / chunks:
+                runs.append([])
+            runs[-1].append(i)
+            size += m.numel()
+        return runs
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
