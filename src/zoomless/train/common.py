@@ -180,7 +180,9 @@ def clip_inside_fused_step(
     on the norm: the same update as clipping first (tests/test_train_common.py)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     # the norm in fp32 whatever the gradients' dtype (bf16 ones held by MasterWeights)
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32)))
+    grads = list(grads)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else [torch.zeros(())]
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s coefficient, inverted
     inner.found_inf = (~torch.isfinite(norm)).float()
     try:

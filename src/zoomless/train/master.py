@@ -17,8 +17,9 @@ are, and holds an fp32 copy of every trainable parameter that the optimizer upda
 - checkpoints, the EMA teacher and its first copy read the fp32 masters (`fp32_state_dict`), so
   an update of 1e-6, far below bf16 resolution, is never lost.
 
-Memory is what fp32 weights take (6 + 12 + 12 + 24 bytes per parameter at rest, against 12 + 12
-+ 24), the speed is that of a bf16 model. Under FSDP2 the sharded weights already stay fp32 and are
+Memory, per parameter: 2 bytes of bf16 weight + 4 of fp32 master + 8 of AdamW moments at rest,
+and 2 bytes of gradient at the end of a one-micro-batch backward (4 from the second micro-batch
+on), against fp32 weights' 4 + 8 and 4 of gradient; the speed is that of a bf16 model. Under FSDP2 the sharded weights already stay fp32 and are
 gathered in bf16 for compute, and DDP reduces the bf16 gradients itself: so one process only.
 """
 
