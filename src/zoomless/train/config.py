@@ -58,7 +58,8 @@ class TrainConfig(BaseModel):
     # block: one guard check and wrapper per forward (3B GRPO on an H100: 0.668 -> 0.643 s a step)
     compile_vision_tower: bool = False
     # bf16 model weights for compute, fp32 master weights in the optimizer (train/master.py): the speed
-    # of a bf16 model at the memory of fp32 weights; bf16 compute even on CPU; one process only
+    # of a bf16 model at the memory of fp32 weights, less 2 bytes a parameter when a step is one
+    # micro-batch (its gradients stay bf16 until the step); bf16 compute even on CPU; one process only
     bf16_weights: bool = False
     logits_chunk_size: int = Field(512, ge=1)  # response rows per LM-head chunk
     resume: bool = False  # continue from the last checkpoint in out_dir
