@@ -68,9 +68,7 @@ class MasterWeights:
 
     def materialize(self) -> None:
         """Every held gradient onto its master in fp32 (for code that reads them all at once)."""
-        for i, held in self._held.items():
-            self.masters[i].grad = held.to(torch.float32)
-        self._held.clear()
+        self._cast_held(list(self._held))
 
     def in_chunks(self, chunks: int = CHUNKS) -> Iterator[list[nn.Parameter]]:
         """Yield the masters in `chunks` runs of about equal size, each time with only that run's
@@ -82,11 +80,24 @@ class MasterWeights:
             m.grad = None
         for run in self._runs(chunks):
             for i in run:
-                held = self._held.pop(i, None)
-                self.masters[i].grad = held.to(torch.float32) if held is not None else accumulated.pop(i, None)
+                self.masters[i].grad = accumulated.pop(i, None)
+            self._cast_held([i for i in run if i in self._held])
             yield [self.masters[i] for i in run]
             for i in run:
                 self.masters[i].grad = None
+
+    def _cast_held(self, indices: list[int]) -> None:
+        """The held gradients of `indices` onto their masters in fp32: views of one new buffer,
+        filled by one multi-tensor copy (a launch per gradient would cost more host time than
+        the copies take on the GPU), the bf16 ones freed."""
+        if not indices:
+            return
+        masters = [self.masters[i] for i in indices]
+        flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=masters[0].device)
+        views = [v.view_as(m) for v, m in zip(flat.split([m.numel() for m in masters]), masters)]
+        torch._foreach_copy_(views, [self._held.pop(i) for i in indices])
+        for m, v in zip(masters, views):
+            m.grad = v
 
     def _runs(self, chunks: int) -> list[list[int]]:
         """The masters' indices in order, cut into `chunks` runs of about equal numbers of elements."""
