@@ -18,7 +18,7 @@
 #   ALT_ENV (perf1-alt): PERF_GC=per-step (the old garbage collector),
 #   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the caching allocator without its retries).
 # First, the GPU branches of the tests a CPU skips (-k cuda: the flash kernels fast_vision calls
-#   itself, the bf16 EMA teacher's compiled update), into perf-gputests/ (GPUTESTS=0: not run).
+#   itself, the bf16 EMA teacher's compiled update, the masters' chunked step), into perf-gputests/ (GPUTESTS=0: not run).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
 # $OUT/perf.tar (a call returns at most 8 files), packed again after each run.
 set -uo pipefail
@@ -54,7 +54,7 @@ perf() {  # perf() TREE NAME ARGS...: perf_3b.py of TREE (its own src first), re
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 if [ "$GPUTESTS" = 1 ]; then
   mkdir -p "$RES/perf-gputests"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fast_vision.py tests/test_train_common.py -k cuda \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fast_vision.py tests/test_train_common.py tests/test_master.py -k cuda \
     2>&1 | tail -20 \
     | tee "$RES/perf-gputests/pytest.txt"
   pack

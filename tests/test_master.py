@@ -1,6 +1,7 @@
 """bf16 compute weights with fp32 master weights: fp32 accumulation, small updates kept (the recipe
 with `bf16_weights`: tests/test_train_opd.py)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,10 +48,10 @@ def test_gradients_accumulate_in_fp32_and_small_updates_survive() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def _model_and_batches(micro_batches: int) -> tuple[nn.Module, list[torch.Tensor]]:
+def _model_and_batches(micro_batches: int, device: str = "cpu") -> tuple[nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16), nn.Linear(16, 4))
-    return model, [torch.randn(8, 16) for _ in range(micro_batches)]
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16), nn.Linear(16, 4)).to(device)
+    return model, [torch.randn(8, 16, device=device) for _ in range(micro_batches)]
 
 
 def _backward(model: nn.Module, xs: list[torch.Tensor]) -> None:
@@ -85,13 +86,15 @@ def test_runs_are_about_equal_and_cover_every_master() -> None:
     assert len(runs) == 4 and max(sizes) - min(sizes) <= 64 * 64 + 64
 
 
-def test_chunked_fused_step_is_the_one_step_update() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_chunked_fused_step_is_the_one_step_update(device: str) -> None:
     """The masters stepped in chunks from held bf16 gradients end where one fused AdamW step on
     the same gradients cast to fp32 ends, bit for bit, over steps of one and of three micro-batches."""
     from zoomless.train.common import build_optimizer, clip_inside_fused_step
 
     for micro_batches in (1, 3):
-        model, xs = _model_and_batches(micro_batches)
+        model, xs = _model_and_batches(micro_batches, device)
         master = MasterWeights(model)
         reference = [nn.Parameter(m.detach().clone()) for m in master.masters]
         opt_ours = build_optimizer(master.masters, lr=0.01, weight_decay=0.1, fused=True)
