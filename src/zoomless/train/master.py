@@ -19,8 +19,9 @@ are, and holds an fp32 copy of every trainable parameter that the optimizer upda
 
 Memory, per parameter: 2 bytes of bf16 weight + 4 of fp32 master + 8 of AdamW moments at rest,
 and 2 bytes of gradient at the end of a one-micro-batch backward (4 from the second micro-batch
-on), against fp32 weights' 4 + 8 and 4 of gradient; the speed is that of a bf16 model. Under FSDP2 the sharded weights already stay fp32 and are
-gathered in bf16 for compute, and DDP reduces the bf16 gradients itself: so one process only.
+on), against fp32 weights' 4 + 8 and 4 of gradient; the speed is that of a bf16 model. Under
+FSDP2 the sharded weights already stay fp32 and are gathered in bf16 for compute, and DDP reduces
+the bf16 gradients itself: so one process only.
 """
 
 from __future__ import annotations
