@@ -105,7 +105,7 @@ def build_optimizer(
     params: Iterable[torch.Tensor], lr: float, weight_decay: float, fused: bool = False
 ) -> torch.optim.AdamW:
     """AdamW (betas 0.9/0.999) over `params` (e.g. `model.parameters()`); weight decay on matrices
-    only, not on norms and biases. `fused`: torch's one-kernel AdamW (CUDA tensors)."""
+    only, not on norms and biases. `fused`: torch's one-kernel AdamW (CUDA or CPU tensors)."""
     decay, no_decay = [], []
     for p in params:
         if p.requires_grad:
