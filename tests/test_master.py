@@ -1,6 +1,8 @@
 """bf16 compute weights with fp32 master weights: fp32 accumulation, small updates kept (the recipe
 with `bf16_weights`: tests/test_train_opd.py)."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -68,11 +70,15 @@ def test_one_micro_batch_holds_bf16_gradients_and_steps_a_chunk_at_a_time() -> N
     held = master.grads()
     assert len(held) == len(master.masters) and all(g.dtype == torch.bfloat16 for g in held)
 
+    alive = [weakref.ref(g) for g in held]  # one per master, in order
+    del held
     seen = []
     for run in master.in_chunks(3):
         with_grad = [m for m in master.masters if m.grad is not None]
         assert with_grad == run and all(m.grad.dtype == torch.float32 for m in run)  # only this run's, in fp32
         seen += [id(m) for m in run]
+        # the bf16 gradients of this run and the ones before are freed, the later ones still held
+        assert [ref() is None for ref in alive] == [id(m) in seen for m in master.masters]
     assert sorted(seen) == sorted(id(m) for m in master.masters)  # every master once
     assert all(m.grad is None for m in master.masters) and master.grads() == []  # all freed after
 
@@ -91,7 +97,7 @@ def test_runs_are_about_equal_and_cover_every_master() -> None:
 def test_chunked_fused_step_is_the_one_step_update(device: str) -> None:
     """The masters stepped in chunks from held bf16 gradients end where one fused AdamW step on
     the same gradients cast to fp32 ends, bit for bit, over steps of one and of three micro-batches."""
-    from zoomless.train.common import build_optimizer, clip_inside_fused_step
+    from zoomless.train.common import build_optimizer, clip_inside_fused_step, total_norm
 
     for micro_batches in (1, 3):
         model, xs = _model_and_batches(micro_batches, device)
@@ -102,14 +108,17 @@ def test_chunked_fused_step_is_the_one_step_update(device: str) -> None:
         for step in range(3):
             grads = []
             for x in xs:  # the bf16 gradients each micro-batch makes, summed in fp32 as the masters should
-                probe = [p.register_hook(lambda g, i=i: grads.append((i, g.clone()))) for i, p in enumerate(model.parameters())]
+                probe = [p.register_hook(lambda g, i=i: grads.append((i, g.clone())))
+                         for i, p in enumerate(model.parameters())]
                 _backward(model, [x * (step + 1)])
                 for h in probe:
                     h.remove()
             for i, r in enumerate(reference):
                 r.grad = sum(g.float() for j, g in grads if j == i)
-            norm_ref = clip_inside_fused_step(opt_ref, [r.grad for r in reference], 1.0)
-            norm = clip_inside_fused_step(opt_ours, master.grads(), 1.0, master.in_chunks(3))
+            norm_ref = total_norm([r.grad for r in reference])
+            clip_inside_fused_step(opt_ref, norm_ref, 1.0)
+            norm = total_norm(master.grads())
+            clip_inside_fused_step(opt_ours, norm, 1.0, master.in_chunks(3))
             master.copy_to_model()
             torch.testing.assert_close(norm, norm_ref, rtol=1e-6, atol=0)
             for m, r in zip(master.masters, reference):

@@ -9,7 +9,7 @@ from zoomless.engines.base import Generation
 from zoomless.sample import Sample
 from zoomless.train import recipes
 from zoomless.train.common import (
-    DataIterator, build_optimizer, clip_inside_fused_step, filter_generations, warmup_constant_schedule,
+    DataIterator, build_optimizer, clip_inside_fused_step, filter_generations, total_norm, warmup_constant_schedule,
 )
 from zoomless.train.config import ConfigError, OPDConfig, SFTConfig, load_config, parse_overrides
 from zoomless.train.ema import ema_update_, make_teacher, round_stochastically
@@ -274,7 +274,8 @@ def test_clip_inside_the_fused_adamw_step_is_clipping_first() -> None:
             p.grad, q.grad = g.clone(), g.clone()
         expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
         opt_theirs.step()
-        norm = clip_inside_fused_step(opt_ours, [p.grad for p in ours], 1.0)
+        norm = total_norm([p.grad for p in ours])
+        clip_inside_fused_step(opt_ours, norm, 1.0)
         torch.testing.assert_close(norm, expected)
         for p, q in zip(ours, theirs):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
@@ -282,7 +283,9 @@ def test_clip_inside_the_fused_adamw_step_is_clipping_first() -> None:
     before = [p.detach().clone() for p in ours]
     moments = [opt_ours.state[p]["exp_avg"].clone() for p in ours]
     ours[0].grad, ours[1].grad = torch.full_like(ours[0], float("inf")), torch.zeros_like(ours[1])
-    assert not torch.isfinite(clip_inside_fused_step(opt_ours, [p.grad for p in ours], 1.0))
+    norm = total_norm([p.grad for p in ours])
+    clip_inside_fused_step(opt_ours, norm, 1.0)
+    assert not torch.isfinite(norm)
     for p, b, m in zip(ours, before, moments):
         assert torch.equal(p, b) and torch.equal(opt_ours.state[p]["exp_avg"], m)
         assert float(opt_ours.state[p]["step"]) == 3

@@ -136,7 +136,8 @@ def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
         # the update and the copy to the bf16 weights are queued before the norm is read (a skipped
         # update leaves the masters as they were: copying them changes nothing); the masters are
         # stepped a chunk at a time, so that only a chunk's gradients exist in fp32 at once
-        norm_t = clip_inside_fused_step(run.optimizer, run.master.grads(), grad_clip, run.master.in_chunks())
+        norm_t = total_norm(run.master.grads())  # the list dies here: each held gradient is freed in its chunk
+        clip_inside_fused_step(run.optimizer, norm_t, grad_clip, run.master.in_chunks())
         run.master.copy_to_model()
         norm = float(norm_t)
     else:
@@ -166,23 +167,26 @@ def read_values(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
     return {k: read_back[k] if k in read_back else float(v) for k, v in values.items()}
 
 
+def total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `grads` together, in fp32 whatever their dtype (bf16 ones held by
+    MasterWeights)."""
+    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32) if grads else [torch.zeros(())]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def clip_inside_fused_step(
-    optimizer: Any, grads: Sequence[torch.Tensor], max_norm: float, chunks: Iterable[Any] = (None,)
-) -> torch.Tensor:
-    """Step a fused AdamW (`fused=True`, one process) on `grads` (its parameters' gradients)
-    clipped to `max_norm`, and return their norm before clipping (a tensor: no wait for the GPU
-    before the step is queued). `chunks`: the step runs once per item, each time on the parameters
-    whose gradients are set then (`MasterWeights.in_chunks`); by default once.
+    optimizer: Any, norm: torch.Tensor, max_norm: float, chunks: Iterable[Any] = (None,)
+) -> None:
+    """Step a fused AdamW (`fused=True`, one process) on its parameters' gradients, whose norm is
+    `norm` (`total_norm`), clipped to `max_norm` (`norm` stays a tensor: no wait for the GPU before
+    the step is queued). `chunks`: the step runs once per item, each time on the parameters whose
+    gradients are set then (`MasterWeights.in_chunks`); by default once.
 
     The kernel divides each gradient by `grad_scale` and skips the update (step count included)
     where `found_inf` is set: the hooks GradScaler uses. Passing the clip coefficient's inverse
     there saves `clip_grad_norm_`'s pass over every gradient (11 ms of a 3B step) and its host sync
     on the norm: the same update as clipping first (tests/test_train_common.py)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    # the norm in fp32 whatever the gradients' dtype (bf16 ones held by MasterWeights)
-    grads = list(grads)
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else [torch.zeros(())]
-    norm = torch.linalg.vector_norm(torch.stack(norms))
     inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # clip_grad_norm_'s coefficient, inverted
     inner.found_inf = (~torch.isfinite(norm)).float()
     try:
@@ -190,7 +194,6 @@ def clip_inside_fused_step(
             optimizer.step()
     finally:
         del inner.grad_scale, inner.found_inf
-    return norm
 
 
 # ----------------------------------------------------------------------------- data
