@@ -18,7 +18,8 @@
 #   ALT_ENV (perf1-alt): PERF_GC=per-step (the old garbage collector),
 #   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the caching allocator without its retries).
 # First, the GPU branches of the tests a CPU skips (-k cuda: the flash kernels fast_vision calls
-#   itself, the bf16 EMA teacher's compiled update, the masters' chunked step), into perf-gputests/ (GPUTESTS=0: not run).
+#   itself, the bf16 EMA teacher's compiled update, the masters' chunked step), into perf-gputests/
+#   (GPUTESTS=0: not run).
 # Each run stops at its time budget and keeps what it measured; everything comes back as
 # $OUT/perf.tar (a call returns at most 8 files), packed again after each run.
 set -uo pipefail

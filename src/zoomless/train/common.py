@@ -131,8 +131,7 @@ def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
 
     if run.dist.fsdp:
         reshard(run.policy)  # the optimizer updates the fp32 shards: no gathered copy may outlive them
-    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # inside accelerate's wrapper
-    if run.master and optimizer.defaults.get("fused"):
+    if run.master:  # whose AdamW is torch's fused one (start_run)
         # the update and the copy to the bf16 weights are queued before the norm is read (a skipped
         # update leaves the masters as they were: copying them changes nothing); the masters are
         # stepped a chunk at a time, so that only a chunk's gradients exist in fp32 at once
@@ -141,15 +140,11 @@ def clip_and_step(run: "Run", grad_clip: float) -> tuple[float, bool]:
         run.master.copy_to_model()
         norm = float(norm_t)
     else:
-        if run.master:
-            run.master.materialize()
-        params = run.master.masters if run.master else [p for p in run.policy.parameters() if p.requires_grad]
+        params = [p for p in run.policy.parameters() if p.requires_grad]
         norm_t = run.dist.accelerator.clip_grad_norm_(params, grad_clip)
         norm = float(norm_t.full_tensor() if isinstance(norm_t, DTensor) else norm_t)
         if math.isfinite(norm):
             run.optimizer.step()
-            if run.master:
-                run.master.copy_to_model()
     applied = math.isfinite(norm)
     if applied:
         run.scheduler.step()

@@ -67,10 +67,6 @@ class MasterWeights:
         held = (self._held.get(i, m.grad) for i, m in enumerate(self.masters))
         return [g for g in held if g is not None]
 
-    def materialize(self) -> None:
-        """Every held gradient onto its master in fp32 (for code that reads them all at once)."""
-        self._cast_held(list(self._held))
-
     def in_chunks(self, chunks: int = CHUNKS) -> Iterator[list[nn.Parameter]]:
         """Yield the masters in `chunks` runs of about equal size, each time with only that run's
         gradients set, in fp32 (the others None: a torch optimizer's `step()` skips parameters
