@@ -55,10 +55,12 @@ def worker(a: argparse.Namespace) -> None:
     """Inside the launcher: time `--steps` OPD steps after `--warmup`; the main process writes JSON."""
     from zoomless.models.loading import vision_token_ids
     from zoomless.train.batching import encode_prompt
-    from zoomless.train.common import Timer, start_run, view_conversation
+    from zoomless.train.common import start_run
     from zoomless.train.config import OPDConfig
     from zoomless.train.distributed import fsdp_units
+    from zoomless.train.metrics import Timer
     from zoomless.train.opd import opd_step, setup_teacher, view_kwargs
+    from zoomless.train.views import view_conversation
 
     cfg = OPDConfig(
         model_dir=a.model, data=a.data, out_dir=a.run_dir, batch_size=a.batch, n=a.rollouts,

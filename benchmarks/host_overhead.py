@@ -29,7 +29,8 @@ from zoomless.models.compiled import compile_blocks, uncompile_blocks
 from zoomless.models.loading import load_vlm
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt, response_hidden
-from zoomless.train.common import enable_activation_checkpointing, pad_id, view_conversation
+from zoomless.train.common import enable_activation_checkpointing, pad_id
+from zoomless.train.views import view_conversation
 from zoomless.world.generate import generate_split
 
 # the 3B's depth (36 decoder layers, 32 vision blocks) at the test size's widths

@@ -41,7 +41,7 @@ Limits: a stand-in for the profiler's count, not that count. What a CUDA kernel 
 a tensor made in C++ outside every op the script sees loses its mark and counts as a host tensor;
 the step runs eagerly. On 2026-12-07 (torch 2.14 CPU; transformers 5.25, and 5.17 as on the GPU)
 it counted 43 syncs per Vision-OPD step against the GPU's 45 (compiled) and 51 (eager), and 29 per
-GRPO step; after the recipes kept their per-micro-batch sums on the GPU (`common.read_values`),
+GRPO step; after the recipes kept their per-micro-batch sums on the GPU (`metrics.read_values`),
 42 and 23; with the vision tower's bookkeeping done on the CPU (`models/vision_plan.py`) and no
 all-ones attention mask, 9 and 6 (docs/PERFORMANCE.md).
 """
@@ -72,8 +72,8 @@ import distributed_common as dc  # noqa: E402
 import host_overhead as ho  # noqa: E402
 import perf_3b_train as pt  # noqa: E402
 
-from zoomless.models import tiny  # noqa: E402
 from zoomless import transfer  # noqa: E402
+from zoomless.models import tiny  # noqa: E402
 from zoomless.train import batching, shared_images  # noqa: E402
 
 GPU_COUNTS = {  # the profiler's cudaStreamSynchronize count of one step, to compare with
@@ -325,7 +325,7 @@ def build(a: argparse.Namespace, work: Path) -> tuple[Any, Any]:
 
 
 def count(a: argparse.Namespace) -> dict[str, Any]:
-    from zoomless.train.common import Timer
+    from zoomless.train.metrics import Timer
 
     counter = SyncCounter()
     with tempfile.TemporaryDirectory() as tmp:

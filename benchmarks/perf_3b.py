@@ -165,7 +165,7 @@ def samples_of(a: argparse.Namespace) -> list[Any]:
 
 
 def full_conversation(a: argparse.Namespace, sample: Any) -> Any:
-    from zoomless.train.common import view_conversation
+    from zoomless.train.views import view_conversation
 
     return view_conversation(sample, "full", "mcq", max_pixels=a.max_pixels, crop_margin=0.25, zoom=2.0)
 

@@ -129,7 +129,8 @@ def measure(step: StepFn, *, warmup: int, steps: int, cuda: bool) -> dict[str, A
     Python's garbage collector runs between the steps, as in `train_loop` (its time is counted).
     PERF_GC=per-step in the environment: as before session 18 (2026-12-07), the collector switched back on
     between steps (then a full collection could start right after a step)."""
-    from zoomless.train.common import CollectBetweenSteps, Timer
+    from zoomless.train.common import CollectBetweenSteps
+    from zoomless.train.metrics import Timer
 
     per_step = os.environ.get("PERF_GC") == "per-step"
     collections = GcLog()
@@ -222,8 +223,8 @@ def use_fused_adamw(run: Any) -> None:
 def use_master_weights(run: Any, cfg: Any) -> Any:
     """Switch the run to bf16 weights with fp32 masters, as `bf16_weights: true` starts it; returns
     the fp32 optimizer to restore with `drop_master_weights`."""
-    from zoomless.train.common import build_optimizer
     from zoomless.train.master import MasterWeights
+    from zoomless.train.optim import build_optimizer
 
     free_memory(run)
     inner_optimizer(run).state.clear()
@@ -288,8 +289,9 @@ def step_sequences(cfg: Any, run: Any, engine: Any) -> dict[str, Any]:
     and the teacher's, as FLOP-counting `Seq`s, the rollouts, and the student prompt encodings."""
     from zoomless.engines.base import SamplingParams
     from zoomless.train.batching import encode_prompt
-    from zoomless.train.common import Rollout, view_conversation
     from zoomless.train.opd import view_kwargs
+    from zoomless.train.rollouts import Rollout
+    from zoomless.train.views import view_conversation
 
     view = view_kwargs(cfg)
     student = [view_conversation(s, cfg.student_view, **view) for s in run.samples]
@@ -414,7 +416,7 @@ def flop_check(run: Any, seqs: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoomless.train.batching import backbone_hidden
-    from zoomless.train.common import rollout_batch
+    from zoomless.train.rollouts import rollout_batch
 
     b = rollout_batch(run, seqs["prompts"], seqs["rollouts"][:1])
     counter = FlopCounterMode(display=False)
@@ -529,7 +531,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
             (out / f"profile_{name}.txt").write_text(text + "\n")
         save(results)
 
-    from zoomless.train.common import Timer
+    from zoomless.train.metrics import Timer
 
     def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, whole_vision: bool = True,
                           gc_on: float = 1.0, gc_vision: bool = True, vision_tower: bool = False) -> None:

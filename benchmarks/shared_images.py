@@ -20,9 +20,10 @@ import torch
 
 from zoomless.demo import SIZE, WORLD, shipped_model_dir
 from zoomless.models.loading import load_vlm
-from zoomless.train.batching import build_batch, encode_prompt, response_hidden
-from zoomless.train.common import pad_id, view_conversation
 from zoomless.sample import read_samples
+from zoomless.train.batching import build_batch, encode_prompt, response_hidden
+from zoomless.train.common import pad_id
+from zoomless.train.views import view_conversation
 from zoomless.world.generate import generate_split
 
 

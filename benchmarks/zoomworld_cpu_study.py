@@ -46,13 +46,9 @@ from zoomless.models.tiny import build_tiny_vlm
 from zoomless.prompts import format_question
 from zoomless.sample import Sample
 from zoomless.train.batching import build_batch, encode_prompt, lm_head, response_hidden
-from zoomless.train.common import (
-    build_optimizer,
-    end_of_turn_id,
-    pad_id,
-    warmup_constant_schedule,
-)
+from zoomless.train.common import end_of_turn_id, pad_id
 from zoomless.train.losses import chunked_logprobs
+from zoomless.train.optim import build_optimizer, warmup_constant_schedule
 from zoomless.train.sft import target_ids
 from zoomless.world import generate_sample
 

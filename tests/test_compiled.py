@@ -13,7 +13,8 @@ from zoomless.models.loading import load_vlm
 from zoomless.models.tiny import FAMILIES, build_tiny_vlm
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt, response_hidden
-from zoomless.train.common import enable_activation_checkpointing, pad_id, view_conversation
+from zoomless.train.common import enable_activation_checkpointing, pad_id
+from zoomless.train.views import view_conversation
 from zoomless.world.generate import generate_split
 
 

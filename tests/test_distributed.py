@@ -36,8 +36,8 @@ from zoomless.models.tiny import SIZES, build_tiny_vlm
 from zoomless.sample import read_samples, write_samples
 from zoomless.train import opd as opd_module
 from zoomless.train import sft as sft_module
-from zoomless.train.common import DataIterator
 from zoomless.train.config import OPDConfig, SFTConfig
+from zoomless.train.data import DataIterator
 from zoomless.train.distributed import fsdp_units
 from zoomless.world.generate import generate_split
 

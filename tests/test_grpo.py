@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_opd import prefetch_hits, same_run
 
 from zoomless.engines.base import Generation
 from zoomless.models.loading import load_vlm
 from zoomless.sample import read_samples, write_samples
 from zoomless.serve import create_app, running
 from zoomless.train import recipes
-from zoomless.train.common import Rollout
 from zoomless.train.config import ConfigError, GRPOConfig, JudgeConfig, OPDConfig, SFTConfig
 from zoomless.train.grpo import check_samples, rollout_advantages, split_mini_batches, train_grpo
 from zoomless.train.losses import grpo_advantages, k3_kl, ppo_clip_loss
 from zoomless.train.opd import train_opd
+from zoomless.train.rollouts import Rollout
 from zoomless.train.sft import train_sft
 from zoomless.world.generate import generate_split
-from test_train_opd import prefetch_hits, same_run
 
 # ----------------------------------------------------------------------------- the loss, by hand
 

@@ -97,7 +97,7 @@ def test_runs_are_about_equal_and_cover_every_master() -> None:
 def test_chunked_fused_step_is_the_one_step_update(device: str) -> None:
     """The masters stepped in chunks from held bf16 gradients end where one fused AdamW step on
     the same gradients cast to fp32 ends, bit for bit, over steps of one and of three micro-batches."""
-    from zoomless.train.common import build_optimizer, clip_inside_fused_step, total_norm
+    from zoomless.train.optim import build_optimizer, clip_inside_fused_step, total_norm
 
     for micro_batches in (1, 3):
         model, xs = _model_and_batches(micro_batches, device)

@@ -16,13 +16,15 @@ from zoomless.imaging import render_view
 from zoomless.models.loading import load_processor, load_vlm, vision_token_ids
 from zoomless.sample import Sample, read_samples, write_samples
 from zoomless.train.batching import build_batch, encode_prompt
-from zoomless.train.common import filter_generations, pad_id, view_conversation
+from zoomless.train.common import pad_id
 from zoomless.train.config import OPDConfig, SFTConfig
 from zoomless.train.losses import chunked_map, gather_logprobs, topk_generalized_jsd, topk_ids
 from zoomless.train.memory import PeakTensorMemory, SavedTensorMemory
 from zoomless.train.opd import distill_tokens, train_opd
+from zoomless.train.rollouts import filter_generations
 from zoomless.train.screening import BAD_SAMPLES_FILE, BadSampleError, SampleScreen, ScreenedData
 from zoomless.train.sft import train_sft
+from zoomless.train.views import view_conversation
 from zoomless.world.generate import generate_split
 
 PIXELS = 112 * 112

@@ -11,9 +11,10 @@ from zoomless.models.loading import load_vlm
 from zoomless.models.tiny import build_tiny_vlm
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt, lm_head, response_hidden
-from zoomless.train.common import pad_id, view_conversation
-from zoomless.train.shared_images import vision_module
+from zoomless.train.common import pad_id
 from zoomless.train.losses import chunked_logprobs
+from zoomless.train.shared_images import vision_module
+from zoomless.train.views import view_conversation
 from zoomless.world.generate import generate_split
 
 

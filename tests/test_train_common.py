@@ -8,11 +8,11 @@ import torch
 from zoomless.engines.base import Generation
 from zoomless.sample import Sample
 from zoomless.train import recipes
-from zoomless.train.common import (
-    DataIterator, build_optimizer, clip_inside_fused_step, filter_generations, total_norm, warmup_constant_schedule,
-)
 from zoomless.train.config import ConfigError, OPDConfig, SFTConfig, load_config, parse_overrides
+from zoomless.train.data import DataIterator
 from zoomless.train.ema import ema_update_, make_teacher, round_stochastically
+from zoomless.train.optim import build_optimizer, clip_inside_fused_step, total_norm, warmup_constant_schedule
+from zoomless.train.rollouts import filter_generations
 from zoomless.train.screening import SampleScreen, ScreenedData
 
 REQUIRED = {"model_dir": "m", "data": "d.jsonl", "out_dir": "o"}

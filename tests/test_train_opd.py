@@ -14,10 +14,12 @@ from zoomless.engines.hf import HFEngine
 from zoomless.models.loading import load_vlm, vision_token_ids
 from zoomless.sample import read_samples
 from zoomless.train.batching import build_batch, encode_prompt
-from zoomless.train.common import checkpoint_dir, pad_id, view_conversation
+from zoomless.train.checkpoints import checkpoint_dir
+from zoomless.train.common import pad_id
 from zoomless.train.config import OPDConfig
 from zoomless.train.opd import check_views, distill_tokens, train_opd
 from zoomless.train.prefetch import Prefetcher
+from zoomless.train.views import view_conversation
 from zoomless.world.generate import generate_split
 
 

@@ -8,7 +8,7 @@ import torch
 
 from zoomless.models.loading import load_vlm
 from zoomless.sample import read_samples, write_samples
-from zoomless.train.common import STATE_FILE, checkpoint_dir
+from zoomless.train.checkpoints import STATE_FILE, checkpoint_dir
 from zoomless.train.config import SFTConfig
 from zoomless.train.sft import check_views, pick_view, target_ids, target_text, train_sft
 from zoomless.world.generate import generate_split

@@ -19,7 +19,7 @@ SFT_VIEWS = ("full", "crop", "zoom", "overlay")
 
 
 class TrainConfig(BaseModel):
-    """Fields every recipe shares (the shared core in `train/common.py` reads only these)."""
+    """Fields every recipe shares (the shared core, `train/common.py` and its neighbours, reads only these)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 

@@ -25,27 +25,9 @@ from torch import nn
 from zoomless.engines.base import Engine
 from zoomless.sample import Sample
 from zoomless.train.batching import PromptEncoding, lm_head, response_hidden
-from zoomless.train.common import (
-    Rollout,
-    Run,
-    Timer,
-    chunks,
-    clip_and_step,
-    hf_engine,
-    is_padding,
-    padding_rollout,
-    read_values,
-    response_stats,
-    rollout,
-    rollout_batch,
-    rollout_counts,
-    sampled_logprobs,
-    sampling_params,
-    start_run,
-    step_prompts,
-    train_loop,
-)
+from zoomless.train.common import Run, sampled_logprobs, start_run, train_loop
 from zoomless.train.config import GRPOConfig
+from zoomless.train.data import chunks
 from zoomless.train.distributed import shard_like_policy
 from zoomless.train.losses import (
     chunked_logprobs,
@@ -55,6 +37,7 @@ from zoomless.train.losses import (
     ppo_clip_loss,
     truncated_is_weights,
 )
+from zoomless.train.metrics import Timer, read_values
 from zoomless.train.opd import (
     EngineFactory,
     check_views,
@@ -63,7 +46,20 @@ from zoomless.train.opd import (
     setup_teacher,
     view_kwargs,
 )
+from zoomless.train.optim import clip_and_step
 from zoomless.train.rewards import Judge, build_judge, score_responses
+from zoomless.train.rollouts import (
+    Rollout,
+    hf_engine,
+    is_padding,
+    padding_rollout,
+    response_stats,
+    rollout,
+    rollout_batch,
+    rollout_counts,
+    sampling_params,
+)
+from zoomless.train.views import step_prompts
 from zoomless.transfer import to_device
 
 PPO_STATS = ("clip_high", "clip_low", "dual_clip", "ratio", "approx_kl")

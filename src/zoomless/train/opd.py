@@ -26,31 +26,26 @@ from torch import nn
 from zoomless.engines.base import Engine
 from zoomless.sample import Sample
 from zoomless.train.batching import PromptEncoding, TeacherForcingBatch, lm_head, response_hidden
-from zoomless.train.common import (
-    Rollout,
-    Run,
-    Timer,
-    clip_and_step,
-    hf_engine,
-    is_padding,
-    padding_rollout,
-    read_values,
-    response_stats,
-    rollout,
-    rollout_batch,
-    rollout_counts,
-    sampled_logprobs,
-    sampling_params,
-    start_run,
-    step_prompts,
-    train_loop,
-    view_conversation,
-)
+from zoomless.train.common import Run, sampled_logprobs, start_run, train_loop
 from zoomless.train.config import OPDConfig
 from zoomless.train.distributed import even_micro_batches, reshard, shard_like_policy, unwrap
 from zoomless.train.ema import ema_update_, make_teacher
 from zoomless.train.losses import chunked_map, gather_logprobs, topk_generalized_jsd, topk_ids, truncated_is_weights
+from zoomless.train.metrics import Timer, read_values
+from zoomless.train.optim import clip_and_step
+from zoomless.train.rollouts import (
+    Rollout,
+    hf_engine,
+    is_padding,
+    padding_rollout,
+    response_stats,
+    rollout,
+    rollout_batch,
+    rollout_counts,
+    sampling_params,
+)
 from zoomless.train.screening import screen_samples
+from zoomless.train.views import step_prompts, view_conversation
 
 EngineFactory = Callable[[nn.Module, Any], Engine]
 

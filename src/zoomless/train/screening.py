@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from zoomless.imaging import ImageError, _open, load_image
 from zoomless.sample import ImageRef, Sample, read_samples
-from zoomless.train.common import DataIterator
+from zoomless.train.data import DataIterator
 
 BAD_SAMPLES_FILE = "bad_samples.jsonl"
 Policy = Literal["stop", "skip"]

@@ -18,23 +18,15 @@ import torch.multiprocessing as tmp
 from zoomless.prompts import gold_letter, sample_form
 from zoomless.sample import Sample
 from zoomless.train.batching import PromptEncoding, encode_prompt, lm_head, response_hidden
-from zoomless.train.common import (
-    MetricsLogger,
-    Run,
-    Timer,
-    checkpoint_dir,
-    chunks,
-    clip_and_step,
-    device_batch,
-    end_of_turn_id,
-    save_checkpoint,
-    should_save,
-    start_run,
-    view_conversation,
-)
+from zoomless.train.checkpoints import checkpoint_dir, save_checkpoint, should_save
+from zoomless.train.common import Run, device_batch, end_of_turn_id, start_run
 from zoomless.train.config import SFTConfig
+from zoomless.train.data import chunks
 from zoomless.train.losses import chunked_logprobs
+from zoomless.train.metrics import MetricsLogger, Timer
+from zoomless.train.optim import clip_and_step
 from zoomless.train.screening import screen_samples
+from zoomless.train.views import view_conversation
 
 
 def pick_view(view: str | dict[str, float], seed: int, step: int, index: int) -> str:

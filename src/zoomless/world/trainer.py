@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from zoomless.eval.grading import grade
-from zoomless.train.common import build_optimizer
 from zoomless.train.ema import ema_update_
 from zoomless.train.losses import gather_logprobs, grpo_advantages, topk_generalized_jsd, topk_ids
+from zoomless.train.optim import build_optimizer
 from zoomless.train.shared_images import encode_once, sharing_of, vision_module, vision_once
 from zoomless.world.tensors import Batch, Bucket, WorldTensors, make_batch, parse_view
 
