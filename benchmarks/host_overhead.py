@@ -4,7 +4,7 @@ decoder layers and vision blocks, and the vision tower compiled as one region (z
 the variants' `compile_blocks` arguments are in VARIANTS).
 
 At the Qwen2.5-VL-3B shape the compiled GPU step is bound by the host: the GPU is busy 67% of it
-(docs/PERFORMANCE.md). What the host does per step grows with the number of blocks called, not
+(docs/PERFORMANCE_LOG.md). What the host does per step grows with the number of blocks called, not
 with their width, so a model of the 3B's depth (36 decoder layers, 32 vision blocks) with widths of
 64 spends nearly all of its step in the framework (Python, dispatch, dynamo guards, autograd):
 a proxy, on any machine, for how much host work each way of compiling leaves. It is not a GPU

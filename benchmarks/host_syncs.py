@@ -43,7 +43,7 @@ the step runs eagerly. On 2026-12-07 (torch 2.14 CPU; transformers 5.25, and 5.1
 it counted 43 syncs per Vision-OPD step against the GPU's 45 (compiled) and 51 (eager), and 29 per
 GRPO step; after the recipes kept their per-micro-batch sums on the GPU (`metrics.read_values`),
 42 and 23; with the vision tower's bookkeeping done on the CPU (`models/vision_plan.py`) and no
-all-ones attention mask, 9 and 6 (docs/PERFORMANCE.md).
+all-ones attention mask, 9 and 6 (docs/PERFORMANCE_LOG.md).
 """
 
 from __future__ import annotations

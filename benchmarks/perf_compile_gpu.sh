@@ -25,6 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
+mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
 TOTAL=${TOTAL:-560}  # seconds for all runs
 EXTRA=${EXTRA:-}     # more perf_3b.py arguments; EXTRA=--tiny is a CPU smoke test of this script

@@ -3,7 +3,7 @@
 At the Qwen2.5-VL-3B shape a training step spends more GPU time in copy, cast and elementwise
 kernels (RMSNorm in several passes, SwiGLU's silu and product, rotary's cat and multiplies,
 autocast's casts) than in its matmuls, and the CPU spends the rest of the step launching them
-(docs/PERFORMANCE.md). Inductor fuses each such run of elementwise work into one kernel.
+(docs/PERFORMANCE_LOG.md). Inductor fuses each such run of elementwise work into one kernel.
 
 Decoder layers are compiled whole. Newer transformers (5.25) checkpoint inside the layer's
 `forward`: dynamo traces the checkpointed forward as one graph whose backward recomputes the layer.
@@ -25,7 +25,7 @@ graph inputs, not constants. Blocks run eagerly when generating (a KV cache, one
 With `vision_tower=True` the vision tower's whole forward (its rotary ids and window order, all
 its blocks, checkpointed or not, and the merger) is one compiled region instead: a GPU step waits
 for the host through the tower's forward, where each separately compiled block costs about 1.5 ms
-of host time for 0.44 ms of kernels at the Qwen2.5-VL-3B shape (docs/PERFORMANCE.md).
+of host time for 0.44 ms of kernels at the Qwen2.5-VL-3B shape (docs/PERFORMANCE_LOG.md).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = Tr
     benchmarks/perf_3b_train.py and benchmarks/host_overhead.py compare them. With `vision_tower`
     (and vision blocks that compile whole) the vision tower's forward is compiled as one region,
     its 32 blocks inside: one guard check and one wrapper per forward instead of one per block,
-    whose host time a GPU waits for (docs/PERFORMANCE.md). Calling it again (on a copy of a
+    whose host time a GPU waits for (docs/PERFORMANCE_LOG.md). Calling it again (on a copy of a
     compiled model, say) compiles the copy's own blocks. Returns the modules compiled."""
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True  # see the module docstring
     kinds = set(getattr(model, "_no_split_modules", None) or ())

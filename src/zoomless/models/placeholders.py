@@ -3,7 +3,7 @@
 Qwen-VL's backbone finds its image (and video) placeholder tokens with `get_placeholder_mask`,
 which checks that their count matches the vision tower's output. The count is a GPU sum, and the
 check and its error message read it back: two host syncs per forward, after each of which the GPU
-idles until the CPU has queued new work (docs/PERFORMANCE.md). The training batch still has its
+idles until the CPU has queued new work (docs/PERFORMANCE_LOG.md). The training batch still has its
 token ids on the CPU, so `placeholders_on_host` makes the same masks and the same check there and
 sends the masks without blocking. Backbones without the method, or a call with other ids, are left
 as they are.
@@ -11,7 +11,7 @@ as they are.
 The image features then go into the text embeddings by `masked_scatter`, whose backward finds the
 features' gradient with `masked_select`: an output of data-dependent size, so a host sync in the
 middle of the backward, right before the vision tower's. With the GPU's queue drained there, the
-vision backward runs at the pace of the CPU launching its many small kernels (docs/PERFORMANCE.md).
+vision backward runs at the pace of the CPU launching its many small kernels (docs/PERFORMANCE_LOG.md).
 `image_gradients_by_index` keeps the values and moves the gradient: transformers scatters a
 detached copy of the features, and the language model's input gets `features - detached` added at
 the image positions, known on the CPU: zero in value, the features' gradient in the backward (a

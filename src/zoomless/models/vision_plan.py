@@ -5,7 +5,7 @@ From `grid_thw` Qwen2.5-VL's vision tower derives its rotary position ids, the a
 also the taps that interpolate their learned position embeddings. In a training batch the grid is
 a GPU tensor, and transformers computes all this with `.tolist()` loops and `repeat_interleave`
 over its values: 13 host syncs per forward at the Qwen2.5-VL-3B shape, after each of which the GPU
-idles until the CPU has queued new work (docs/PERFORMANCE.md).
+idles until the CPU has queued new work (docs/PERFORMANCE_LOG.md).
 
 transformers' own helpers (`transformers.vision_utils`, the same in 5.17 and 5.25) take these
 values precomputed from the tower's keyword arguments. `bookkeeping_on_host` runs the same helpers

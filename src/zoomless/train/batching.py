@@ -108,7 +108,7 @@ def build_batch(
         inputs["mm_token_type_ids"] = mm
     sharing = _sharing(prompts)
     # 8 rollouts of one 896-px image would copy, pin and send 8 x 19 MB of pixels: the step's host
-    # time, for rows that encode_once drops on the GPU (docs/PERFORMANCE.md)
+    # time, for rows that encode_once drops on the GPU (docs/PERFORMANCE_LOG.md)
     distinct = list({id(p): p for p in prompts}.values()) if sharing is not None and distinct_pixels else prompts
     for key in dict.fromkeys(k for p in prompts for k in p.vision):  # prompts without images add nothing
         given = distinct if key == "pixel_values" else prompts
@@ -128,7 +128,7 @@ def with_positions(model: nn.Module, batch: TeacherForcingBatch) -> TeacherForci
 
     Qwen-VL's `get_rope_index` loops over the rows in Python and reads GPU values back several times
     per row: about 8 host syncs per row and forward, after each of which the GPU idles until the
-    CPU has queued new work (docs/PERFORMANCE.md). The same function on the CPU tensors gives the
+    CPU has queued new work (docs/PERFORMANCE_LOG.md). The same function on the CPU tensors gives the
     same ids without a sync. Models without it (or batches without images) are left as they are."""
     inputs = batch.inputs
     backbone = getattr(_unwrap(model), "model", None)

@@ -66,7 +66,7 @@ def enable_activation_checkpointing(model: nn.Module, uncheckpointed_layers: int
     activation memory for less recompute. The last ones, because the backward frees them first,
     before the gradients of the earlier layers take up their memory. Without `checkpoint_vision`
     the vision tower's blocks keep theirs too: a few GB at 3B, and the recompute they save is
-    launch-bound (many small kernels for little math: docs/PERFORMANCE.md)."""
+    launch-bound (many small kernels for little math: docs/PERFORMANCE_LOG.md)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -206,7 +206,7 @@ def start_run(cfg: Any) -> Run:
     model.train()
     master = MasterWeights(model) if cfg.bf16_weights else None  # the model becomes bf16, the masters fp32
     # the masters are plain fp32 tensors of one process: the fused kernel is safe there (0.09 -> 0.05 s
-    # per 3B step, docs/PERFORMANCE.md; torch has it for CPUs too); sharded and DDP weights keep the
+    # per 3B step, docs/PERFORMANCE_LOG.md; torch has it for CPUs too); sharded and DDP weights keep the
     # default foreach kernels
     fused = master is not None
     optimizer = build_optimizer(master.masters if master else model.parameters(), cfg.lr, cfg.weight_decay, fused)

@@ -6,7 +6,7 @@ may still run under bf16 autocast. Only parameters are averaged; buffers are cop
 
 `teacher_dtype: bfloat16` halves the copy (7.5 GB instead of 15 GB at 3.75B parameters: the
 Vision-OPD recipe with `bf16_weights` then fits one 80 GB H100 at the 3B shape, peak 72-75 GiB,
-docs/PERFORMANCE.md) and rounds each EMA update *stochastically*: up with the probability of the
+docs/PERFORMANCE_LOG.md) and rounds each EMA update *stochastically*: up with the probability of the
 discarded fraction, so that the expected teacher is the fp32 EMA and small moves accumulate instead
 of vanishing. The price is noise around the fp32
 EMA: 0.75 bf16 steps RMS under a steady drift of lr-sized updates, where an EMA rounded to nearest

@@ -3,7 +3,7 @@
 On-policy methods teacher-force several rollouts of one prompt (8 in GRPO, 2-8 in Vision-OPD):
 every row of such a group carries the same image, and HF's forward runs the vision tower on each
 copy. At the Qwen2.5-VL-3B shape the vision tower is 40% of a Vision-OPD step's model FLOPs
-(docs/PERFORMANCE.md), so most of that is repeated work. Here the vision tower sees only the first
+(docs/PERFORMANCE_LOG.md), so most of that is repeated work. Here the vision tower sees only the first
 copy of each image and its output is gathered back to every row; autograd adds the rows' gradients
 into the one encoding, which is the same gradient as encoding every copy.
 
