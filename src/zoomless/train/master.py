@@ -11,8 +11,8 @@ are, and holds an fp32 copy of every trainable parameter that the optimizer upda
 - the optimizer steps the masters in a few chunks (`in_chunks`), each chunk's held bf16 gradients
   cast to fp32 just before its step and freed after it. A step of one micro-batch, the usual
   on-policy step, so holds 2 bytes of gradient per parameter instead of 4 at the end of the
-  backward, where activations are still alive, and at most one chunk's fp32 gradients beside the
-  rest at the optimizer step: the same update, bit for bit (tests/test_master.py);
+  backward, where activations are still alive, and at most 2.5 at the optimizer step (`_runs`):
+  the same update, bit for bit (tests/test_master.py);
 - `copy_to_model()` then rounds the masters into the bf16 weights;
 - checkpoints, the EMA teacher and its first copy read the fp32 masters (`fp32_state_dict`), so
   an update of 1e-6, far below bf16 resolution, is never lost.
@@ -31,7 +31,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-CHUNKS = 4  # optimizer steps per training step: at most a quarter of the fp32 gradients exist at once
+CHUNKS = 4  # optimizer steps per training step (`MasterWeights.in_chunks`)
+GROWTH = 1.5  # each chunk this much larger than the one before: the same transient peak for all (`_runs`)
 
 
 class MasterWeights:
@@ -97,12 +98,23 @@ class MasterWeights:
             m.grad = v
 
     def _runs(self, chunks: int) -> list[list[int]]:
-        """The masters' indices in order, cut into `chunks` runs of about equal numbers of elements."""
+        """The masters' indices in order, cut into `chunks` runs that grow by GROWTH.
+
+        While a run is cast, every held bf16 gradient not yet stepped (2 bytes per parameter) and
+        the run's new fp32 buffer (4 bytes per parameter of the run) are alive at once: with runs of
+        equal size the first one would set the peak, at 2 + 4 / chunks bytes per parameter (3.0 for
+        4 runs; benchmarks/step_memory.py measures it). Each stepped run frees 2 bytes per parameter,
+        so the next one may take 4 bytes for each of them, half its size: run k = run 1 + half of
+        runs 1..k-1, which is GROWTH = 1.5 times the one before. Then every run reaches the same
+        peak, 2 + 4 x run 1: 2.49 bytes per parameter for 4 runs (equal runs need 8 for that).
+        The cuts fall between tensors, so a large one (the embedding) can make its run larger."""
+        sizes = [GROWTH**k for k in range(chunks)]
+        ends = [sum(sizes[: k + 1]) / sum(sizes) for k in range(chunks)]  # each run's end, a fraction of the total
         total = sum(m.numel() for m in self.masters)
         runs: list[list[int]] = [[]]
         size = 0
         for i, m in enumerate(self.masters):
-            if size >= total * len(runs) / chunks:
+            if runs[-1] and size >= total * ends[len(runs) - 1]:
                 runs.append([])
             runs[-1].append(i)
             size += m.numel()
