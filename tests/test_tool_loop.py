@@ -11,16 +11,8 @@ from PIL import Image
 
 from zoomless.engines.base import Generation, SamplingParams
 from zoomless.eval.single_pass import evaluate
-from zoomless.eval.tool_loop import (
-    MIN_SIDE,
-    evaluate_tool_loop,
-    load_tool_result,
-    loads_lenient,
-    parse_tool_call,
-    speed_accuracy,
-    strip_tool_calls,
-    zoom_in,
-)
+from zoomless.eval.tool_calls import MIN_SIDE, loads_lenient, parse_tool_call, strip_tool_calls, zoom_in
+from zoomless.eval.tool_loop import evaluate_tool_loop, load_tool_result, speed_accuracy
 from zoomless.imaging import crop_view, from_rel1000, zoom_view
 from zoomless.sample import Sample
 
