@@ -72,6 +72,22 @@ def test_bad_input_gets_one_clear_line(tmp_path: Path) -> None:
     assert out.returncode == 2 and "lr" in out.stdout
 
 
+def test_print_config_shows_every_key_and_trains_nothing(tmp_path: Path) -> None:
+    import yaml
+
+    out = zoomless("train", "opd", str(ROOT / "configs" / "opd-zoomworld.yaml"), "--set", "lr=1e-4",
+                   "--set", f"out_dir={tmp_path / 'run'}", "--set", "bf16_weights=true", "--print-config")
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["lr"] == 1e-4 and cfg["bf16_weights"] is True  # the overrides
+    assert cfg["topk"] == 100 and cfg["compile_blocks"] is False  # the file's value, a default it leaves
+    assert Path(cfg["model_dir"]).resolve() == (ROOT / "runs" / "sft-crop" / "checkpoint-000500").resolve()  # file-relative
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    out = zoomless("train", "grpo", "--set", "model_dir=x", "--set", "data=y", "--set", "out_dir=z", "--set", "topk=5",
+                   "--print-config")
+    assert out.returncode == 2 and "topk" in out.stdout  # a bad config still fails, naming the key
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
     method = path.name.split("-")[0]

@@ -277,37 +277,47 @@ def serve(
 
 # ----------------------------------------------------------------------------- train
 
-def _train(method: str, config: Path | None, overrides: list[str], resume: bool) -> None:
+def _train(method: str, config: Path | None, overrides: list[str], resume: bool, print_config: bool) -> None:
     from zoomless.train import recipes
 
     try:
         cfg = recipes.load(method, config, overrides, resume=resume)
     except ValueError as e:  # pydantic errors name the offending key
         _fail(str(e))
+    if print_config:  # every key the run would use, defaults included; nothing is loaded or written
+        import yaml
+
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), nl=False)
+        return
     recipes.run(method, cfg)
 
 
 _CONFIG = typer.Argument(None, help="YAML config (keys as in the recipe's config class; its relative paths are relative to the file).")
 _SET = typer.Option([], "--set", "-s", help="Override a config key: --set lr=1e-4 (repeatable).")
 _RESUME = typer.Option(False, help="Continue from the last checkpoint in out_dir.")
+_PRINT_CONFIG = typer.Option(False, "--print-config",
+                             help="Validate the config, print every key it sets (defaults included) as YAML, and exit.")
 
 
 @train_app.command("sft")
-def train_sft(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
+def train_sft(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+              print_config: bool = _PRINT_CONFIG) -> None:
     """Supervised fine-tuning on sample records (loss on answer tokens only)."""
-    _train("sft", config, set_, resume)
+    _train("sft", config, set_, resume, print_config)
 
 
 @train_app.command("opd")
-def train_opd(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
+def train_opd(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+              print_config: bool = _PRINT_CONFIG) -> None:
     """Vision-OPD: the model on the crop teaches itself on the full image (top-k JSD, EMA teacher)."""
-    _train("opd", config, set_, resume)
+    _train("opd", config, set_, resume, print_config)
 
 
 @train_app.command("grpo")
-def train_grpo(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME) -> None:
+def train_grpo(config: Optional[Path] = _CONFIG, set_: list[str] = _SET, resume: bool = _RESUME,
+               print_config: bool = _PRINT_CONFIG) -> None:
     """R2I reinforcement learning: GRPO with clip-higher and rule / judge rewards; `objective: hybrid` adds Vision-OPD."""
-    _train("grpo", config, set_, resume)
+    _train("grpo", config, set_, resume, print_config)
 
 
 # ----------------------------------------------------------------------------- demo
