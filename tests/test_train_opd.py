@@ -216,6 +216,14 @@ def test_prefetched_prompts_train_exactly_as_prepared_in_the_step(assets, tmp_pa
     same_run(tmp_path / "ahead", tmp_path / "sync", ("", "teacher"))
 
 
+def test_static_rollout_cache_trains_the_same(assets, tmp_path) -> None:
+    """`rollout_cache: static` (a preallocated KV cache in the rollout engine) samples what the
+    dynamic cache does, so the run's weights and metrics are the same to the bit."""
+    train_opd(_cfg(assets, tmp_path / "dynamic", max_steps=3))
+    train_opd(_cfg(assets, tmp_path / "static", max_steps=3, rollout_cache="static"))
+    same_run(tmp_path / "dynamic", tmp_path / "static", ("", "teacher"))
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 

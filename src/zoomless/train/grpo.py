@@ -339,7 +339,7 @@ def train_grpo(cfg: GRPOConfig, make_engine: EngineFactory | None = None, judge:
     own_judge = judge is None and cfg.judge is not None
     if own_judge:
         judge = build_judge(cfg.judge)
-    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size)))(run.model, run.processor)
+    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size, cfg.rollout_cache)))(run.model, run.processor)
     run.model.train()  # engines may switch the model to eval mode; `rollout` does so only while sampling
     banned = vision_token_ids(run.processor)
 

@@ -299,7 +299,7 @@ def train_opd(cfg: OPDConfig, make_engine: EngineFactory | None = None) -> Path:
         probe=lambda s: [view_conversation(s, v, **view) for v in (cfg.student_view, cfg.teacher_view)],
     )
     teacher, extra_models = setup_teacher(cfg, run)
-    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size)))(run.model, run.processor)
+    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size, cfg.rollout_cache)))(run.model, run.processor)
     run.model.train()  # engines may switch the model to eval mode; `rollout` does so only while sampling
     banned = vision_token_ids(run.processor)
 

@@ -136,8 +136,12 @@ def rollout_batch(run: "Run", prompts: Sequence[PromptEncoding], rollouts: Seque
 
 
 
-def hf_engine(model: nn.Module, processor: Any, batch_size: int) -> Engine:
-    """The default rollout engine: the in-process HF engine around the live policy."""
+def hf_engine(model: nn.Module, processor: Any, batch_size: int, cache: str = "dynamic") -> Engine:
+    """The default rollout engine: the in-process HF engine around the live policy. `cache`:
+    "static" preallocates the KV cache (the same samples; faster decoding on a GPU,
+    docs/PERFORMANCE.md), uncompiled: a compiled decode step inside training is not measured."""
     from zoomless.engines.hf import HFEngine
 
+    if cache == "static":
+        return HFEngine(model, processor, batch_size=batch_size, cache_implementation="static", compile=False)
     return HFEngine(model, processor, batch_size=batch_size)
