@@ -58,8 +58,9 @@ GEN_VARIANTS = {  # HFEngine options
 TRAIN_VARIANTS = ("hf-plain", "opd", "grpo", "opd-compiled", "opd-master", "grpo-master", "opd-master-compiled-parts", "opd-master-compiled-layers",
                   "opd-master-compiled", "grpo-master-compiled", "opd-master-compiled-sync", "grpo-master-compiled-sync",
                   "opd-master-compiled-keep", "opd-master-compiled-vkeep", "grpo-master-compiled-vkeep",
-                  "opd-master-compiled-tower", "grpo-master-compiled-tower", "opd-master-compiled-tower-keep",
-                  "grpo-master-compiled-tower-keep", "opd-master-compiled-ema16",
+                  "opd-master-compiled-tower", "grpo-master-compiled-tower",
+                  "opd-master-compiled-tower-rollout", "opd-master-compiled-tower-rollout-static",
+                  "opd-master-compiled-tower-keep", "grpo-master-compiled-tower-keep", "opd-master-compiled-ema16",
                   "opd-master-compiled-vkeep-ema16", "grpo-bf16-nogc", "opd-bf16", "opd-bf16-nogc",
                   "opd-bf16-nogc-frozen-vision", "opd-bf16-aligned", "opd-bf16-aligned-fused",
                   "opd-bf16-aligned-fused-compiled")  # perf_3b_train.py runs them in this order

@@ -486,14 +486,14 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         return not a.variants or name in a.variants
 
     def add(name: str, step: StepFn, what: str, *, teacher: bool, gc_on: float, micro: int, vision: bool = True,
-            shared: bool = True, gc_vision: bool = True) -> None:
+            shared: bool = True, gc_vision: bool = True, steps: int | None = None) -> None:
         """`gc_on`: the share of decoder layers checkpointed (True: all). `shared`: the step encodes
-        each distinct image once per micro-batch (every zoomless step)."""
+        each distinct image once per micro-batch (every zoomless step). `steps`: timed steps, if not --steps."""
         if not wanted(name):
             return
         print(f"[train] {name} ...", flush=True)
         free_memory(run)  # what the last variant left in reference cycles (the collector is off while measuring)
-        m = guarded(run, lambda: measure(step, **timing))
+        m = guarded(run, lambda: measure(step, **(timing | ({"steps": steps} if steps else {}))))
         r = variant_result(name, m, run.model.config, seqs, teacher=teacher, vision_trained=vision, checkpointing=gc_on,
                            micro=micro, shared_images=shared, peak_flops=peak_flops, what=what,
                            checkpoint_vision=gc_vision)
@@ -534,7 +534,8 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
     from zoomless.train.metrics import Timer
 
     def compiled_variants(*variants: tuple[str, StepFn, str], whole: bool = True, whole_vision: bool = True,
-                          gc_on: float = 1.0, gc_vision: bool = True, vision_tower: bool = False) -> None:
+                          gc_on: float = 1.0, gc_vision: bool = True, vision_tower: bool = False,
+                          steps: int | None = None) -> None:
         """(name, step, like) each with the blocks compiled (`compile_blocks(..., whole, whole_vision)`; the first
         warm-up step compiles, the others reuse the graphs); the model is eager again after."""
         variants = tuple(v for v in variants if wanted(v[0]))
@@ -543,7 +544,7 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
         compiled = compile_blocks(run.model, whole, whole_vision, vision_tower)
         for name, step, like in variants:
             add(name, step, f"{like}, {len(compiled)} blocks or block parts compiled (zoomless.models.compiled)",
-                teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro, gc_vision=gc_vision)
+                teacher=name.startswith("opd"), gc_on=gc_on, micro=a.micro, gc_vision=gc_vision, steps=steps)
             profile(name, step, count=False)
         uncompile_blocks(compiled)
         torch._dynamo.reset()  # the next compiled variant starts from an empty cache
@@ -606,6 +607,19 @@ def run_train_part(a: Any, model_dir: Path, data: Path, out: Path, peak_flops: f
             set_checkpointing(run.model, True, vision=False)
             compiled_variants((names[0], opd, f"as opd-master-compiled, {like}"),
                               (names[1], grpo, f"as grpo-master-compiled, {like}"), gc_vision=False, vision_tower=tower)
+            set_checkpointing(run.model, True)
+        # the recipe's own rollouts (the HF engine sampling from the live policy, `rollout_cache` dynamic or
+        # static) instead of the fixed engine's: a step end to end, the "rollout" phase apart; a random model
+        # rarely says eos, so each rollout runs to --response-len tokens; 2 timed steps (each takes seconds)
+        real = {f"opd-master-compiled-tower-{s}": c for s, c in (("rollout", "dynamic"), ("rollout-static", "static"))}
+        if any(wanted(n) for n in real):
+            from zoomless.train.rollouts import hf_engine
+
+            set_checkpointing(run.model, True, vision=False)
+            compiled_variants(*[(n, opd_step_fn(cfg, run, run.model, hf_engine(run.model, run.processor, cfg.rollout_batch_size, c),
+                                                banned, counter),
+                                 f"as opd-master-compiled-tower, rollouts sampled by the HF engine ({c} KV cache)")
+                                for n, c in real.items()], gc_vision=False, vision_tower=True, steps=2)
             set_checkpointing(run.model, True)
         for recipe, step in (("opd", opd), ("grpo", grpo)):  # the tower in one region and fewer recomputed layers
             kept_layers(f"{recipe}-master-compiled-tower-keep", step, f"as {recipe}-master-compiled-tower",
