@@ -99,6 +99,36 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
 
 
+def test_hybrid_decoder_layers_compile_by_kind(tmp_path: Path) -> None:
+    """Qwen3.5's decoder layers are one class with two bodies: the full-attention ones compile whole,
+    under a compiled function of their own (a body of their own would share one with the other body
+    and reach dynamo's recompile limit sooner); the linear-attention ones keep their Gated DeltaNet
+    eager and compile their MLP and norms. The numbers are the eager ones."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from zoomless.models.compiled import _kind
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", family="qwen3_5", size="test"), dtype=torch.float32,
+                                device="cpu")
+    enable_activation_checkpointing(model)
+    model.train()
+    batches = two_batches(tmp_path, processor)
+    eager = [forward_backward(model, x) for x in batches]
+    torch._dynamo.reset()
+    blocks = compile_blocks(model)
+    layers = model.get_decoder().layers
+    full = [layer for layer in layers if hasattr(layer, "self_attn")]
+    linear = [layer for layer in layers if hasattr(layer, "linear_attn")]
+    assert full and linear and all(layer in blocks for layer in full)
+    assert all(layer not in blocks and layer.linear_attn not in blocks and layer.mlp in blocks for layer in linear)
+    assert {_kind(layer)[1] for layer in layers} == {"linear_attn", "self_attn"}  # two kinds, apart
+    compiled = [forward_backward(model, x) for x in batches]
+    function = full[0].forward.args[1]
+    assert len(_debug_get_cache_entry_list(function._torchdynamo_orig_callable.__code__)) == 1  # one graph
+    assert_same_steps(eager, compiled)
+    uncompile_blocks(blocks)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_whole_vision_blocks_keep_their_graphs_and_numbers_over_changing_chunk_plans(
     tmp_path: Path, family: str, monkeypatch
@@ -133,7 +163,7 @@ def test_whole_vision_blocks_keep_their_graphs_and_numbers_over_changing_chunk_p
     torch._dynamo.reset()  # graphs of an earlier test's vision blocks would serve these
     dynamo_utils.counters.clear()
     blocks = compile_blocks(model)
-    assert sum(type(b).__name__ in model._no_split_modules for b in blocks) == len(blocks)  # all whole
+    assert all(b in blocks for b in visual.blocks)  # every vision block whole
     graphs, compiled = [], []
     for b in batches:
         compiled.append(step(b))
@@ -182,7 +212,7 @@ def test_uncheckpointed_layers_skip_the_recompute_and_keep_the_gradients(tmp_pat
         torch.testing.assert_close(vision_grads[name], all_grads[name], msg=name)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("vision_checkpointed", [True, False])
 def test_vision_tower_compiled_as_one_region_matches_eager(tmp_path: Path, family: str, vision_checkpointed: bool) -> None:
     """`compile_blocks(..., vision_tower=True)`: the tower's forward, all its blocks inside, is one
@@ -202,7 +232,8 @@ def test_vision_tower_compiled_as_one_region_matches_eager(tmp_path: Path, famil
     modules = compile_blocks(model, vision_tower=True)
     assert model.model.visual in modules
     assert not any(m in modules for m in model.model.visual.blocks)  # inside the tower's region
-    assert len(modules) == 1 + model.config.text_config.num_hidden_layers
+    layers = model.get_decoder().layers  # whole, but Qwen3.5's linear-attention ones: their MLP and norms
+    assert len(modules) == 1 + sum(3 if hasattr(layer, "linear_attn") else 1 for layer in layers)
     compiled = [forward_backward(model, x) for x in batches]
     assert len(tower_calls) == 2 and not dynamo_utils.counters["graph_break"]
     assert_same_steps(eager, compiled)

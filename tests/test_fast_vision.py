@@ -14,7 +14,7 @@ from zoomless.models import fast_vision as fv
 from zoomless.models.loading import encode_conversations, load_processor, load_vlm
 from zoomless.models.tiny import build_tiny_vlm
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 # Mixed sizes: Qwen2.5-VL's 112-px windows come out 8x8, 8x4, 4x6 ... patches long, and Qwen3-VL's
 # per-image chunks differ too; two scenes of one size make a group of several equal chunks.
 SIZES = [(448, 448), (280, 196), (448, 448), (150, 90), (224, 336)]

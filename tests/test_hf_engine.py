@@ -11,7 +11,7 @@ from zoomless.engines.hf import HFEngine
 from zoomless.models.loading import encode_conversations, vision_token_ids
 from zoomless.models.tiny import build_tiny_vlm
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 
 
 @pytest.fixture(scope="module")

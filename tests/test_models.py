@@ -18,7 +18,7 @@ from zoomless.models.loading import (
 )
 from zoomless.models.tiny import build_tiny_vlm, count_parameters, make_config, make_model
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_image_token_count_follows_patch_size(model_dirs):
         _, processor = load_vlm(d, device="cpu")
         ids = encode_conversations(processor, [conv])["input_ids"][0]
         counts[family] = int((ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
-    assert counts == {"qwen2_5_vl": 16 * 16, "qwen3_vl": 14 * 14}  # 28 and 32 pixels per merged token
+    assert counts == {"qwen2_5_vl": 16 * 16, "qwen3_vl": 14 * 14, "qwen3_5": 14 * 14}  # 28 and 32 pixels per merged token
 
 
 def test_unknown_family_or_size_is_rejected(tmp_path):

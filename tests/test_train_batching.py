@@ -23,7 +23,7 @@ def data(tmp_path_factory) -> Path:
     return generate_split(tmp_path_factory.mktemp("world"), "train", 3, seed=1, size=448, progress=False)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_teacher_forced_logprobs_equal_the_engine_logprobs(family: str, data: Path, tmp_path: Path) -> None:
     model, processor = load_vlm(build_tiny_vlm(tmp_path / family, family=family, size="test"), dtype=torch.float32, device="cpu")
     samples = read_samples(data)
@@ -65,7 +65,7 @@ def test_batch_layout(tmp_path: Path, data: Path) -> None:
         build_batch([short], [[]], pad_id=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, tmp_path: Path) -> None:
     """Rows that share a PromptEncoding (the rollouts of one prompt) run the vision tower once per
     distinct image, with the same hidden states and the same gradients as encoding every copy."""
@@ -113,7 +113,7 @@ def test_rollouts_of_one_prompt_encode_its_image_once(family: str, data: Path, t
             torch.testing.assert_close(grads_shared[name], grads_every[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_positions_built_before_the_forward_are_the_models_own(family: str, data: Path, tmp_path: Path) -> None:
     """`with_positions` gives the 3D M-RoPE ids that the forward would build (padding, text-only rows
     and two image sizes included), so the hidden states do not change; wrappers are seen through."""
@@ -138,7 +138,7 @@ def test_positions_built_before_the_forward_are_the_models_own(family: str, data
     assert with_positions(model, given) is given  # ids already there: nothing to do
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_vision_bookkeeping_from_the_cpu_grid_is_the_towers_own(family: str, data: Path, tmp_path: Path) -> None:
     """The vision tower given its rotary ids, cuts, windows or interpolation taps computed from the
     batch's CPU grid (`models/vision_plan.py`) gives the same hidden states as computing them
@@ -175,7 +175,7 @@ def test_vision_bookkeeping_from_the_cpu_grid_is_the_towers_own(family: str, dat
         assert seen == [host_grid] and seen[0] is host_grid  # before encode_once's hook: transformers' own call
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_placeholder_masks_from_the_cpu_ids_are_the_backbones_own(family: str, data: Path, tmp_path: Path) -> None:
     """The image placeholders found in the batch's CPU ids (`models/placeholders.py`) give the same
     hidden states as the backbone finding them on the device, without its own search running;
@@ -214,7 +214,7 @@ def test_placeholder_masks_from_the_cpu_ids_are_the_backbones_own(family: str, d
     assert "get_placeholder_mask" not in vars(backbone)  # the block took its masks away again
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_image_gradients_routed_by_index_are_masked_scatters(family: str, data: Path, tmp_path: Path) -> None:
     """With the CPU ids, the image features' gradient reaches the vision tower by index
     (`image_gradients_by_index`) instead of `masked_scatter`'s backward (a `masked_select`, a host

@@ -224,6 +224,27 @@ def test_static_rollout_cache_trains_the_same(assets, tmp_path) -> None:
     same_run(tmp_path / "dynamic", tmp_path / "static", ("", "teacher"))
 
 
+def test_qwen3_5_trains_and_resumes(assets, tmp_path) -> None:
+    """Qwen3.5 (Gated DeltaNet linear attention in some decoder layers, gated full attention in the
+    others): Vision-OPD with bf16 weights, the bf16 EMA teacher and checkpointing trains, its
+    distillation signal is positive, and a resumed run continues exactly."""
+    from zoomless.models.tiny import build_tiny_vlm
+
+    model = build_tiny_vlm(tmp_path / "qwen3_5", family="qwen3_5", size="test")
+    _, data = assets
+    kw = dict(model_dir=model, data=data, bf16_weights=True, teacher_dtype="bfloat16", gradient_checkpointing=True)
+    straight = train_opd(_cfg(assets, tmp_path / "a", max_steps=3, **kw))
+    train_opd(_cfg(assets, tmp_path / "b", max_steps=2, **kw))
+    resumed = train_opd(_cfg(assets, tmp_path / "b", max_steps=3, resume=True, **kw))
+    rows = _metrics(tmp_path / "a")
+    assert len(rows) == 3 and all(r["jsd"] > 0 and r["skipped"] == 0 for r in rows)
+    for sub in ("", "teacher"):
+        p1, p2 = _params(straight / sub), _params(resumed / sub)
+        assert all(torch.equal(t, p2[name]) for name, t in p1.items()), sub
+    before, after = _params(model), _params(straight)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # it learned something
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 

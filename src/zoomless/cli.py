@@ -79,7 +79,7 @@ def world(
 @model_app.command("tiny")
 def model_tiny(
     out_dir: Path = typer.Argument(..., help="Folder to save the model and processor into."),
-    family: str = typer.Option("qwen2_5_vl", help="qwen2_5_vl or qwen3_vl."),
+    family: str = typer.Option("qwen2_5_vl", help="qwen2_5_vl, qwen3_vl or qwen3_5 (hybrid linear attention)."),
     size: str = typer.Option("test", help="test (~1M params), small (~5-10M) or base (~50M)."),
     seed: int = typer.Option(0, help="Initialisation seed."),
 ) -> None:

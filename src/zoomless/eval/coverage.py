@@ -22,7 +22,10 @@ relative = 1 means the box gets the attention its size deserves; > 1 that the mo
 more. Every resize between the original image and the grid (budget, processor) scales the whole
 image, so the box fractions carry over exactly.
 
-Layer: `layer` (an index, negative counts from the end) or round(relative_depth * (L - 1)).
+Layer: `layer` (an index, negative counts from the end) or round(relative_depth * (L - 1)), among
+the L decoder layers with softmax attention: all of a Qwen-VL's, the full-attention quarter of
+Qwen3.5's (its linear-attention layers have no attention map). The output gate of Qwen3.5's
+attention acts after the softmax, so the attention is computed as for Qwen3-VL.
 """
 
 from __future__ import annotations
@@ -56,14 +59,18 @@ _RESUME_KEYS = ("kind", "model", "layer", "view", "form", "max_pixels", "crop_ma
 # ----------------------------------------------------------------------------- the hooked layer
 
 
-def text_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of the language model of a Qwen-VL (or any model laid out the same way)."""
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The language model's decoder layers that have softmax self-attention (`self_attn`): every
+    layer of a Qwen-VL (or of any model laid out the same way); Qwen3.5's full-attention layers,
+    one in four (the others are linear attention, which has no attention map)."""
     for path in ("model.language_model.layers", "language_model.layers", "model.layers"):
         obj: Any = model
         for name in path.split("."):
             obj = getattr(obj, name, None)
-        if isinstance(obj, nn.ModuleList) and len(obj) and hasattr(obj[0], "self_attn"):
-            return obj
+        if isinstance(obj, nn.ModuleList):
+            layers = [m for m in obj if hasattr(m, "self_attn")]
+            if layers:
+                return layers
     raise ValueError(f"{type(model).__name__}: no language-model decoder layers with 'self_attn' found")
 
 
@@ -107,7 +114,10 @@ def _last_query_attention(attn: nn.Module, args: tuple, kwargs: dict[str, Any]) 
     cos, sin = kwargs["position_embeddings"]
     b, n, _ = hidden.shape
     d = attn.head_dim
-    q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, d)
+    q = attn.q_proj(hidden[:, -1:])
+    if q.shape[-1] == 2 * attn.o_proj.in_features:  # Qwen3.5: each head's query, then its output gate
+        q = q.view(b, 1, -1, 2 * d)[..., :d]
+    q = q.reshape(b, 1, -1, d)
     k = attn.k_proj(hidden).view(b, n, -1, d)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before the rotary embedding
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -127,7 +137,7 @@ def _last_query_attention(attn: nn.Module, args: tuple, kwargs: dict[str, Any]) 
 def last_token_attention(model: nn.Module, inputs: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
     """Attention (batch, heads, seq) of the last prompt token at decoder `layer`, from one
     truncated forward pass. `inputs` are the processor's outputs, already on the model's device."""
-    attn = text_layers(model)[layer].self_attn
+    attn = attention_layers(model)[layer].self_attn
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -341,7 +351,7 @@ def coverage(
     if view not in VIEWS:
         raise ValueError(f"coverage view must be one of {', '.join(VIEWS)}, got {view!r}")
     samples = list(samples)
-    n_layers = len(text_layers(model))
+    n_layers = len(attention_layers(model))
     index = resolve_layer(n_layers, layer, relative_depth)
     settings = {
         "kind": KIND,

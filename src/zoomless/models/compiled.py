@@ -13,6 +13,10 @@ effects unless told to skip them (harmless here: the variable is set and reset w
 forward). Older ones (5.17) checkpoint in `__call__`, around the compiled forward, which the
 backward then runs again.
 
+Qwen3.5's linear-attention layers are the exception: their Gated DeltaNet stays eager, their MLP
+and norms are compiled (`EAGER_PARTS`); its full-attention layers compile whole, under a compiled
+function of their own (`_kind`).
+
 Vision blocks are compiled whole too: their `fast_vision` attention plans its batching in Python
 from cu_seqlens' values, so under compile it is one opaque op (`grouped_vision_attention`) that
 plans at run time, and a batch's plan neither breaks the graph nor recompiles it. Where that op
@@ -41,35 +45,49 @@ from torch import nn
 from zoomless.models.fast_vision import PATCHED, compiles_whole
 
 
+# Parts that stay eager, their block compiled in parts around them: Qwen3.5's Gated DeltaNet linear
+# attention. Its kernels are flash-linear-attention's Triton ones where that package is installed;
+# otherwise transformers' reference code, whose padding to 64-token chunks inductor could not
+# compile with dynamic shapes under transformers 5.17 (torch 2.14, CPU).
+EAGER_PARTS = ("linear_attn",)
+
+
 def _call_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # the class's forward (checkpointing wrapper included), not the instance attribute set below
     return type(block).forward(block, *args, **kwargs)
 
 
+def _kind(block: nn.Module) -> tuple[str, ...]:
+    """What makes blocks share graphs: their class and the names of their children. Blocks of one
+    class can differ in those (Qwen3.5's decoder layers: linear attention in three of four,
+    full attention in the fourth), and each such kind traces its own graphs."""
+    return (type(block).__name__, *(name for name, _ in block.named_children()))
+
+
 @functools.cache
-def _compiled_forward(kind: type) -> Callable[..., Any]:
-    """`_call_forward` compiled for the blocks of one class, under a code object of its own: dynamo
-    counts its recompile limit (8) per code object, and a kind takes one or two graphs per grad
-    mode and training flag (a vision tower's first block gets a view as input)."""
-    code = _call_forward.__code__.replace(co_name=f"compiled_{kind.__name__}")
+def _compiled_forward(kind: tuple[str, ...]) -> Callable[..., Any]:
+    """`_call_forward` compiled for the blocks of one kind (`_kind`), under a code object of its
+    own: dynamo counts its recompile limit (8) per code object, and a kind takes one or two graphs
+    per grad mode and training flag (a vision tower's first block gets a view as input)."""
+    code = _call_forward.__code__.replace(co_name="compiled_" + "_".join(kind))
     return torch.compile(types.FunctionType(code, globals()), dynamic=True)
 
 
-def _block_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _block_forward(block: nn.Module, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The compiled block on teacher-forced forwards (the training step's student and teacher);
     eager when generating: a KV cache and one new token per call would recompile it every step."""
     if kwargs.get("use_cache") or torch.is_inference_mode_enabled():
         return type(block).forward(block, *args, **kwargs)
-    return _compiled_forward(type(block))(block, *args, **kwargs)
+    return compiled(block, *args, **kwargs)
 
 
-def _tower_forward(tower: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _tower_forward(tower: nn.Module, compiled: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The compiled vision tower when its bookkeeping comes ready-made (`models/vision_plan.py`, as
     the training batches bring it); eager otherwise: it would compute it from the grid's values,
     which a graph cannot read, and when generating."""
     if "cu_seqlens" not in kwargs or torch.is_inference_mode_enabled():
         return type(tower).forward(tower, *args, **kwargs)
-    return _compiled_forward(type(tower))(tower, *args, **kwargs)
+    return compiled(tower, *args, **kwargs)
 
 
 def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = True,
@@ -88,17 +106,18 @@ def compile_blocks(model: nn.Module, whole: bool = True, whole_vision: bool = Tr
     compiled = []
     tower = _whole_tower(model) if whole and whole_vision and vision_tower else None
     if tower is not None:
-        tower.forward = functools.partial(_tower_forward, tower)
+        tower.forward = functools.partial(_tower_forward, tower, _compiled_forward(_kind(tower)))
         compiled.append(tower)
     inside = set(map(id, tower.modules())) if tower is not None else set()
     for block in [m for m in model.modules() if type(m).__name__ in kinds and id(m) not in inside]:
         patched = [m for m in block.modules() if getattr(m, PATCHED, False)]
-        if whole and (not patched or whole_vision and all(compiles_whole(m) for m in patched)):
-            block.forward = functools.partial(_block_forward, block)
+        eager = [m for name, m in block.named_children() if name in EAGER_PARTS]
+        if whole and not eager and (not patched or whole_vision and all(compiles_whole(m) for m in patched)):
+            block.forward = functools.partial(_block_forward, block, _compiled_forward(_kind(block)))
             compiled.append(block)
         else:
             for part in block.children():
-                if not getattr(part, PATCHED, False):
+                if not getattr(part, PATCHED, False) and part not in eager:
                     part.compile(dynamic=True)
                     compiled.append(part)
     return compiled

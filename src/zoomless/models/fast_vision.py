@@ -1,4 +1,4 @@
-"""Batched vision attention for Qwen2.5-VL and Qwen3-VL: one SDPA call per distinct chunk length.
+"""Batched vision attention for Qwen2.5-VL, Qwen3-VL and Qwen3.5: one SDPA call per distinct chunk length.
 
 HF's vision attention packs every image (and, in Qwen2.5-VL, every 112-px window) of a batch
 into one sequence cut by `cu_seqlens`. Without flash-attn's varlen kernel it splits the sequence
@@ -39,7 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from zoomless.transfer import to_device
 
-VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
+VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention", "Qwen3_5VisionAttention")
 # Backends whose attention takes any batch of dense [n, heads, L, d] tensors without a mask.
 BATCHABLE = ("sdpa", "eager")
 PATCHED = "_zoomless_fast_vision"
@@ -347,7 +347,7 @@ def _patchable(module: nn.Module) -> bool:
 
 
 def patch_vision_attention(model: nn.Module) -> int:
-    """Give every Qwen2.5-VL / Qwen3-VL vision attention module of `model` the grouped forward.
+    """Give every Qwen2.5-VL / Qwen3-VL / Qwen3.5 vision attention module of `model` the grouped forward.
     Returns how many modules carry it (already patched ones count; other models give 0)."""
     n = 0
     for module in model.modules():

@@ -2,13 +2,15 @@
 
 `build_tiny_vlm` writes a standard HF directory (config, safetensors, generation config, tokenizer,
 image/video processor, chat template) that reloads with `AutoModelForImageTextToText` and
-`AutoProcessor`, so the sandbox and the real path run the same code. Three sizes:
+`AutoProcessor`, so the sandbox and the real path run the same code. Three families (Qwen2.5-VL,
+Qwen3-VL, and Qwen3.5, whose decoder is a hybrid of Gated DeltaNet linear attention and gated full
+attention) and three sizes:
 
-| size  | params (2.5 / 3) | vision (depth x width) | text (layers x width) | vocab asked |
-|-------|------------------|------------------------|-----------------------|-------------|
-| test  | 0.63M / 0.73M    | 2 x 64                 | 2 x 64                | 2000        |
-| small | 5.3M / 6.0M      | 4 x 128                | 4 x 256               | 4096        |
-| base  | 43M / 53M        | 8 x 384                | 8 x 512               | 4096        |
+| size  | params (2.5-VL / 3-VL / 3.5) | vision (depth x width) | text (layers x width) | vocab asked |
+|-------|------------------------------|------------------------|-----------------------|-------------|
+| test  | 0.63M / 0.73M / 0.66M        | 2 x 64                 | 2 x 64                | 2000        |
+| small | 5.3M / 6.0M / 5.5M           | 4 x 128                | 4 x 256               | 4096        |
+| base  | 43M / 53M / 43M              | 8 x 384                | 8 x 512               | 4096        |
 
 The tokenizer's vocabulary can come out smaller than asked (the built-in corpus runs out of
 merges at 3,693 tokens); the model's vocab is the tokenizer's length rounded up to a multiple of
@@ -37,10 +39,11 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
+from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 from zoomless.models import tokenizer as tk
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,11 @@ SIZES = {
 
 # Real Qwen-VL layouts the tiny ones keep: Qwen2.5-VL sees 14-pixel patches and normalises with the
 # CLIP statistics; Qwen3-VL sees 16-pixel patches normalised to [-1, 1]. Both merge 2x2 patches.
-PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}
 IMAGE_STATS = {
     "qwen2_5_vl": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
     "qwen3_vl": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "qwen3_5": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
 }
 
 
@@ -147,6 +151,20 @@ def make_config(family: str, size: str, tokenizer: PreTrainedTokenizerBase):
         text = _text_config(s, vocab_size, 5e6, head_dim=s.text_hidden // s.text_heads, pad_token_id=pad)
         text["rope_parameters"]["mrope_interleaved"] = True
         config_cls = Qwen3VLConfig
+    elif family == "qwen3_5":
+        # a hybrid: Gated DeltaNet linear attention in three layers of four, full attention (gated
+        # output, rotary on a quarter of each head) in the fourth and in the last
+        vision.update(num_position_embeddings=256, hidden_act="gelu_pytorch_tanh")
+        head_dim = s.text_hidden // s.text_heads
+        layer_types = ["full_attention" if i % 4 == 3 or i == s.text_layers - 1 else "linear_attention"
+                       for i in range(s.text_layers)]
+        text = _text_config(s, vocab_size, 1e7, head_dim=head_dim, pad_token_id=pad, eos_token_id=eos,
+                            layer_types=layer_types, linear_num_key_heads=s.text_kv_heads,
+                            linear_num_value_heads=s.text_heads, linear_key_head_dim=head_dim,
+                            linear_value_head_dim=head_dim)
+        text["rope_parameters"].update(partial_rotary_factor=0.25, mrope_interleaved=True,
+                                       mrope_section=_mrope_section(head_dim // 4))
+        config_cls = Qwen3_5Config
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     return config_cls(
@@ -169,8 +187,12 @@ def make_processor(family: str, tokenizer: PreTrainedTokenizerBase, min_pixels: 
     return Qwen3VLProcessor(image_processor, tokenizer, video_processor, chat_template=tk.CHAT_TEMPLATE)
 
 
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+                 "qwen3_5": Qwen3_5ForConditionalGeneration}
+
+
 def make_model(config, seed: int = 0) -> PreTrainedModel:
-    model_cls = Qwen2_5_VLForConditionalGeneration if config.model_type == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
+    model_cls = MODEL_CLASSES[config.model_type]
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = model_cls(config)

@@ -8,7 +8,7 @@ copy of each image and its output is gathered back to every row; autograd adds t
 into the one encoding, which is the same gradient as encoding every copy.
 
 It works through forward hooks on the model's vision module (`model.model.visual`, as in Qwen2-VL,
-Qwen2.5-VL and Qwen3-VL), so HF's own forward, position ids and scatter are untouched. A model
+Qwen2.5-VL, Qwen3-VL and Qwen3.5), so HF's own forward, position ids and scatter are untouched. A model
 without such a module, or a batch without repeated images, runs as before. The pixels may come
 with every copy (the hook keeps the first ones) or, as `batching.build_batch` sends them, with
 each distinct image once: then nothing is dropped on the GPU and nothing extra crossed to it.
