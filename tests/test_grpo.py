@@ -187,6 +187,21 @@ def test_mean_reward_rises(assets, tmp_path) -> None:
     assert m[0]["rollouts"] == 16 and m[0]["judge/calls"] == 0 and m[0]["ratio"] == 1.0  # on-policy
 
 
+def test_mean_reward_rises_on_qwen3_5(assets, tmp_path) -> None:
+    """The same learning signal on Qwen3.5 (Gated DeltaNet linear attention beside full attention)."""
+    from zoomless.models.tiny import build_tiny_vlm
+
+    base = build_tiny_vlm(tmp_path / "qwen3_5", family="qwen3_5", size="test")
+    letters = train_sft(SFTConfig(
+        model_dir=base, data=assets["one"].with_name("any_letter.jsonl"), out_dir=tmp_path / "sft", lr=1e-2,
+        max_steps=20, batch_size=4, micro_batch_size=4, max_pixels=112 * 112, tensorboard=False, progress=False,
+    ))
+    train_grpo(_cfg(assets, tmp_path / "run", model_dir=letters, max_steps=20))
+    rewards = [r["reward"] for r in _metrics(tmp_path / "run")]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert first < 0.5 and last > 0.8, rewards
+
+
 def test_resume_continues_exactly_with_several_updates(assets, tmp_path) -> None:
     kw = dict(updates_per_batch=2, mini_batches=2, micro_batch_size=5, dual_clip=3.0, lr=5e-3)
     straight = train_grpo(_cfg(assets, tmp_path / "a", max_steps=4, save_every=2, **kw))
