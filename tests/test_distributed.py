@@ -201,11 +201,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_5"])
+def family(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
+def assets(tmp_path_factory, family) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dist")
     SIZES.setdefault(TIED, dataclasses.replace(SIZES["test"], tie_embeddings=True))
-    model = build_tiny_vlm(root / "model", family="qwen2_5_vl", size=TIED, seed=0)
+    model = build_tiny_vlm(root / "model", family=family, size=TIED, seed=0)
     samples = read_samples(generate_split(root / "world", "train", 4, seed=0, size=448, progress=False))
     order = DataIterator(len(samples), 4, seed=0).global_batch()
     marked = order[-1]  # the last of the global batch: on the second process
@@ -245,16 +250,20 @@ def _relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 
 @pytest.mark.parametrize("recipe", ["opd", "sft"])
-def test_two_processes_give_the_single_process_step(single, double, recipe: str) -> None:
+def test_two_processes_give_the_single_process_step(single, double, family: str, recipe: str) -> None:
     one, two = single[recipe], double[recipe]
+    # Qwen3.5's linear attention sums its gradients in another order when the batch is split: its
+    # A_log gradient moves by 2.6e-5 (relative) between a batch and its rows one by one, in one process
+    slack = 10 if family == "qwen3_5" else 1
     loss = "jsd" if recipe == "opd" else "loss"
     assert two["metrics"][loss] == pytest.approx(one["metrics"][loss], rel=1e-5)
     assert two["metrics"]["tokens"] == one["metrics"]["tokens"]  # the union of the slices is the batch
-    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-5)
+    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-5 * slack)
     assert len(one["grads"]) == len(one["params"])  # every weight got a gradient
-    assert _relative_error(two["grads"], one["grads"]) < 1e-5
+    assert _relative_error(two["grads"], one["grads"]) < 1e-5 * slack
     for name, g in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-12)
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4 * slack,
+                                   atol=1e-5 * slack * float(g.abs().max()) + 1e-12)
     for name, p in one["params"].items():  # one AdamW step of lr 1e-3 moves each weight by ~1e-3
         torch.testing.assert_close(two["params"][name], p, rtol=0, atol=1e-5)
     if recipe == "opd":
