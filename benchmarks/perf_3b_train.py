@@ -27,6 +27,9 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                                       one region (`compile_blocks(..., vision_tower=True)`)
     opd-master-compiled-tower-keep, grpo-master-compiled-tower-keep   as the -tower ones, the last
                                       `--uncheckpointed` decoder layers not checkpointed (halved on OOM)
+    opd-master-compiled-tower-rollout, opd-master-compiled-tower-rollout-static   as
+                                      opd-master-compiled-tower, its rollouts sampled by the recipe's HF
+                                      engine (dynamic or static KV cache; 2 timed steps)
     opd-master-compiled-ema16, opd-master-compiled-vkeep-ema16   as opd-master-compiled and its -vkeep, with
                                       the recipe's EMA teacher as a bf16 copy (`teacher_dtype: bfloat16`:
                                       7.5 GB at 3B; the fp32 copy's 15 GB do not fit 80 GB)
@@ -43,7 +46,7 @@ One training run (`start_run`, as `zoomless train` builds it) serves every varia
                            (`zoomless.models.compiled`; its warm-up step compiles)
 
 Without checkpointing ("nogc") a micro-batch of `--nogc-micro` sequences is tried first and halved
-on out-of-memory. Every step's rollouts come from the fixed engine (distributed_common.FixedEngine):
+on out-of-memory. Every step's rollouts (but the -rollout variants') come from the fixed engine (distributed_common.FixedEngine):
 `--rollouts` responses of `--response-len` tokens per prompt; the data holds exactly `--prompts`
 samples, so every step runs the same sequences and the FLOPs (perf_3b_measure.py) are exact. One
 step of `opd`, `opd-master`, `opd-bf16-aligned-fused` and each compiled variant runs under

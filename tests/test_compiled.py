@@ -2,6 +2,7 @@
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,17 @@ def forward_backward(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def eager_steps(tmp_path: Path, family: str = "qwen2_5_vl", **checkpointing: Any) -> tuple[Any, list, list]:
+    """A tiny `family` model in training mode with activation checkpointing (`checkpointing`: its
+    keyword arguments), `two_batches`, and the eager forward+backward of each."""
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", family=family, size="test"), dtype=torch.float32,
+                                device="cpu")
+    enable_activation_checkpointing(model, **checkpointing)
+    model.train()
+    batches = two_batches(tmp_path, processor)
+    return model, batches, [forward_backward(model, x) for x in batches]
+
+
 def assert_same_steps(eager: list, compiled: list) -> None:
     for (h0, g0), (h1, g1) in zip(eager, compiled):
         torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
@@ -46,11 +58,7 @@ def assert_same_steps(eager: list, compiled: list) -> None:
 def test_compiled_blocks_match_eager_under_checkpointing(tmp_path: Path) -> None:
     import torch._dynamo.utils as dynamo_utils
 
-    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", size="test"), dtype=torch.float32, device="cpu")
-    enable_activation_checkpointing(model)
-    model.train()
-    batches = two_batches(tmp_path, processor)
-    eager = [forward_backward(model, x) for x in batches]
+    model, batches, eager = eager_steps(tmp_path)
     dynamo_utils.counters.clear()
     blocks = compile_blocks(model)
     n = len(blocks)
@@ -108,12 +116,7 @@ def test_hybrid_decoder_layers_compile_by_kind(tmp_path: Path) -> None:
 
     from zoomless.models.compiled import _kind
 
-    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", family="qwen3_5", size="test"), dtype=torch.float32,
-                                device="cpu")
-    enable_activation_checkpointing(model)
-    model.train()
-    batches = two_batches(tmp_path, processor)
-    eager = [forward_backward(model, x) for x in batches]
+    model, batches, eager = eager_steps(tmp_path, "qwen3_5")
     torch._dynamo.reset()
     blocks = compile_blocks(model)
     layers = model.get_decoder().layers
@@ -220,11 +223,7 @@ def test_vision_tower_compiled_as_one_region_matches_eager(tmp_path: Path, famil
     its blocks are not compiled one by one; without ready-made bookkeeping the tower runs eagerly."""
     import torch._dynamo.utils as dynamo_utils
 
-    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", family=family, size="test"), dtype=torch.float32, device="cpu")
-    enable_activation_checkpointing(model, checkpoint_vision=vision_checkpointed)
-    model.train()
-    batches = two_batches(tmp_path, processor)
-    eager = [forward_backward(model, x) for x in batches]
+    model, batches, eager = eager_steps(tmp_path, family, checkpoint_vision=vision_checkpointed)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     tower_calls = []

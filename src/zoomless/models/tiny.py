@@ -34,12 +34,13 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
-from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
 from zoomless.models import tokenizer as tk
 

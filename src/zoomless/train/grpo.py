@@ -39,7 +39,6 @@ from zoomless.train.losses import (
 )
 from zoomless.train.metrics import Timer, read_values
 from zoomless.train.opd import (
-    EngineFactory,
     check_views,
     distill_tokens,
     optimizer_step,
@@ -49,14 +48,15 @@ from zoomless.train.opd import (
 from zoomless.train.optim import clip_and_step
 from zoomless.train.rewards import Judge, build_judge, score_responses
 from zoomless.train.rollouts import (
+    EngineFactory,
     Rollout,
-    hf_engine,
     is_padding,
     padding_rollout,
     response_stats,
     rollout,
     rollout_batch,
     rollout_counts,
+    rollout_engine,
     sampling_params,
 )
 from zoomless.train.views import step_prompts
@@ -339,8 +339,7 @@ def train_grpo(cfg: GRPOConfig, make_engine: EngineFactory | None = None, judge:
     own_judge = judge is None and cfg.judge is not None
     if own_judge:
         judge = build_judge(cfg.judge)
-    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size, cfg.rollout_cache)))(run.model, run.processor)
-    run.model.train()  # engines may switch the model to eval mode; `rollout` does so only while sampling
+    engine = rollout_engine(cfg, run, make_engine)
     banned = vision_token_ids(run.processor)
 
     def step_fn(step: int, timer: Timer) -> dict[str, float]:

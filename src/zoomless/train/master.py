@@ -69,7 +69,7 @@ class MasterWeights:
         return [g for g in held if g is not None]
 
     def in_chunks(self, chunks: int = CHUNKS) -> Iterator[list[nn.Parameter]]:
-        """Yield the masters in `chunks` runs of about equal size, each time with only that run's
+        """Yield the masters in `chunks` runs (growing: `_runs`), each time with only that run's
         gradients set, in fp32 (the others None: a torch optimizer's `step()` skips parameters
         without a gradient, so one step per yield steps every master once). A run's gradients
         are made just before it is yielded and freed before the next run's are made."""

@@ -34,21 +34,19 @@ from zoomless.train.losses import chunked_map, gather_logprobs, topk_generalized
 from zoomless.train.metrics import Timer, read_values
 from zoomless.train.optim import clip_and_step
 from zoomless.train.rollouts import (
+    EngineFactory,
     Rollout,
-    hf_engine,
     is_padding,
     padding_rollout,
     response_stats,
     rollout,
     rollout_batch,
     rollout_counts,
+    rollout_engine,
     sampling_params,
 )
 from zoomless.train.screening import screen_samples
 from zoomless.train.views import step_prompts, view_conversation
-
-EngineFactory = Callable[[nn.Module, Any], Engine]
-
 
 def check_views(samples: list[Sample], cfg: OPDConfig) -> None:
     """Fail before training if a sample cannot be shown in the student or teacher view."""
@@ -299,8 +297,7 @@ def train_opd(cfg: OPDConfig, make_engine: EngineFactory | None = None) -> Path:
         probe=lambda s: [view_conversation(s, v, **view) for v in (cfg.student_view, cfg.teacher_view)],
     )
     teacher, extra_models = setup_teacher(cfg, run)
-    engine = (make_engine or (lambda m, p: hf_engine(m, p, cfg.rollout_batch_size, cfg.rollout_cache)))(run.model, run.processor)
-    run.model.train()  # engines may switch the model to eval mode; `rollout` does so only while sampling
+    engine = rollout_engine(cfg, run, make_engine)
     banned = vision_token_ids(run.processor)
 
     def step_fn(step: int, timer: Timer) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -145,3 +145,18 @@ def hf_engine(model: nn.Module, processor: Any, batch_size: int, cache: str = "d
     if cache == "static":
         return HFEngine(model, processor, batch_size=batch_size, cache_implementation="static", compile=False)
     return HFEngine(model, processor, batch_size=batch_size)
+
+
+EngineFactory = Callable[[nn.Module, Any], Engine]
+
+
+def rollout_engine(cfg: Any, run: "Run", make_engine: EngineFactory | None = None) -> Engine:
+    """The engine a recipe samples with: `make_engine(model, processor)` around the live policy, or
+    the in-process HF engine (`cfg.rollout_batch_size`, `cfg.rollout_cache`). The policy is left in
+    train mode: an engine may switch it to eval mode; `rollout` does so only while sampling."""
+    if make_engine is not None:
+        engine = make_engine(run.model, run.processor)
+    else:
+        engine = hf_engine(run.model, run.processor, cfg.rollout_batch_size, cfg.rollout_cache)
+    run.model.train()
+    return engine
